@@ -1,0 +1,1 @@
+"""Input: image sources, decoding, the grain pipeline."""
