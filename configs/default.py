@@ -46,7 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.std = 0.252
   config.data.resize_filter = "bilinear"
   config.data.num_workers = 0      # grain worker processes; 0 decodes in the main process
-  config.data.prefetch_buffer_size = 2
+  config.data.read_threads = 4      # decoding threads per process (PIL releases the GIL)
+  config.data.prefetch_buffer_size = 8  # batches read ahead per process
   config.data.shuffle_seed = -1    # -1 uses config.seed
 
   config.sharding = ml_collections.ConfigDict()
@@ -58,7 +59,6 @@ def get_config() -> ml_collections.ConfigDict:
       ("batch", ("data", "fsdp")),
       ("embed", "fsdp"),
       ("mlp", None), ("heads", None), ("kv", None),
-      ("patch", None), ("channel", None),
   )
 
   config.log_every_steps = 50

@@ -240,7 +240,7 @@ class PatchEmbedding(nn.Module):
     if patches.shape[-1] != p * p * c:
       raise ValueError(f"patches have {patches.shape[-1]} values, expected {p}*{p}*{c}")
     kernel = self.param("kernel", nn.with_logical_partitioning(
-        _conv_lecun_init(p * p * c), ("patch", "patch", "channel", "embed")), (p, p, c, d))
+        _conv_lecun_init(p * p * c), (None, None, None, "embed")), (p, p, c, d))
     bias = self.param("bias", _zeros(("embed",)), (d,))
     kernel = jnp.asarray(kernel, self.dtype).reshape(p * p * c, d)
     return jnp.dot(patches.astype(self.dtype), kernel) + jnp.asarray(bias, self.dtype)

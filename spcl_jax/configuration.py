@@ -1,0 +1,122 @@
+"""Config checks run before anything is built: a bad value stops the run with one line that
+names the field, instead of a shape error deep inside jit minutes later."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from spcl_jax import losses, masking
+from spcl_jax.data.decode import resize_filter_names
+from spcl_jax.data.sources import check_source_spec
+from spcl_jax.models.vit import variant_dims
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+ACCUMULATION_MODES = ("cached", "plain")
+
+
+class ConfigError(ValueError):
+  """A config field has a value the run cannot use; the message names the field."""
+
+
+def _require(condition: bool, message: str) -> None:
+  if not condition:
+    raise ConfigError(message)
+
+
+def _check_positive_ints(config: ml_collections.ConfigDict) -> None:
+  for field in ("total_steps", "batch_size", "log_every_steps", "eval_every_steps",
+                "eval_batches", "checkpoint_every_steps", "max_checkpoints_to_keep"):
+    value = config[field]
+    _require(isinstance(value, int) and value >= 1,
+             f"config.{field}={value!r} must be a positive integer")
+
+
+def _check_model(config: ml_collections.ConfigDict) -> None:
+  try:
+    dims = variant_dims(config.model.variant)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  size = config.model.image_size
+  _require(isinstance(size, int) and size > 0 and size % dims["patch_size"] == 0,
+           f"config.model.image_size={size!r} must be a positive multiple of the patch size "
+           f"{dims['patch_size']}")
+  _require(config.model.channels == 1,
+           f"config.model.channels={config.model.channels!r}: pre-training reads grayscale "
+           "images, so 1 (export can write 3-channel weights)")
+  _require(config.model.dtype in COMPUTE_DTYPES,
+           f"config.model.dtype={config.model.dtype!r} must be one of {COMPUTE_DTYPES}")
+  _require(config.model.attention_impl in ("", "xla", "cudnn"),
+           f"config.model.attention_impl={config.model.attention_impl!r} must be '', 'xla' "
+           "or 'cudnn'")
+
+
+def _check_spcl(config: ml_collections.ConfigDict) -> None:
+  spcl = config.spcl
+  _require(0.0 < spcl.mask_ratio < 1.0,
+           f"config.spcl.mask_ratio={spcl.mask_ratio!r} must be in (0, 1)")
+  num_patches = (config.model.image_size // variant_dims(config.model.variant)["patch_size"]) ** 2
+  try:
+    masking.view_size(num_patches, spcl.mask_ratio)
+  except ValueError as e:
+    raise ConfigError(f"config.spcl.mask_ratio={spcl.mask_ratio!r}: {e}") from None
+  _require(spcl.kappa > 0, f"config.spcl.kappa={spcl.kappa!r} must be > 0")
+  _require(spcl.init_temperature > 0,
+           f"config.spcl.init_temperature={spcl.init_temperature!r} must be > 0")
+  _require(spcl.max_scale > 0, f"config.spcl.max_scale={spcl.max_scale!r} must be > 0")
+  _require(spcl.negatives in losses.NEGATIVES,
+           f"config.spcl.negatives={spcl.negatives!r} must be one of {losses.NEGATIVES}")
+
+
+def _check_optim(config: ml_collections.ConfigDict) -> None:
+  optim = config.optim
+  _require(optim.base_learning_rate > 0 or optim.learning_rate > 0,
+           "config.optim.base_learning_rate or config.optim.learning_rate must be > 0")
+  _require(0.0 <= optim.warmup_fraction < 1.0,
+           f"config.optim.warmup_fraction={optim.warmup_fraction!r} must be in [0, 1)")
+  _require(0.0 <= optim.b1 < 1.0 and 0.0 <= optim.b2 < 1.0,
+           "config.optim.b1 and config.optim.b2 must be in [0, 1)")
+  _require(optim.weight_decay >= 0,
+           f"config.optim.weight_decay={optim.weight_decay!r} must be >= 0")
+  _require(optim.grad_clip_norm >= 0,
+           f"config.optim.grad_clip_norm={optim.grad_clip_norm!r} must be >= 0 (0 = off)")
+
+
+def _check_data(config: ml_collections.ConfigDict) -> None:
+  data = config.data
+  try:
+    check_source_spec(data.source)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  _require(data.std > 0, f"config.data.std={data.std!r} must be > 0")
+  _require(data.resize_filter in resize_filter_names(),
+           f"config.data.resize_filter={data.resize_filter!r} must be one of "
+           f"{resize_filter_names()}")
+  _require(data.num_workers >= 0, f"config.data.num_workers={data.num_workers!r} must be >= 0")
+
+
+def _check_batching(config: ml_collections.ConfigDict, num_batch_shards: int,
+                    process_count: int) -> None:
+  _require(config.accumulation in ACCUMULATION_MODES,
+           f"config.accumulation={config.accumulation!r} must be one of {ACCUMULATION_MODES}")
+  _require(config.grad_accum_steps == 1,
+           f"config.grad_accum_steps={config.grad_accum_steps!r}: gradient accumulation is not "
+           "available yet (it comes with the scale-out work); use 1 and a batch that fits")
+  _require(config.batch_size % num_batch_shards == 0,
+           f"config.batch_size={config.batch_size} is not divisible by the {num_batch_shards} "
+           "devices it is split over")
+  _require(config.batch_size % process_count == 0,
+           f"config.batch_size={config.batch_size} is not divisible by the {process_count} "
+           "processes")
+  _require(config.batch_size >= 2,
+           f"config.batch_size={config.batch_size}: a contrastive batch needs >= 2 images")
+
+
+def validate_config(config: ml_collections.ConfigDict, *, num_batch_shards: int = 1,
+                    process_count: int = 1) -> None:
+  """Raises ConfigError naming the first bad field."""
+  _check_positive_ints(config)
+  _check_model(config)
+  _check_spcl(config)
+  _check_optim(config)
+  _check_data(config)
+  _check_batching(config, num_batch_shards, process_count)

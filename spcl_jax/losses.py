@@ -1,0 +1,133 @@
+"""T-SP similarity and the S-PCL InfoNCE loss (METHOD 4), single-device or across a mesh.
+
+All math in float32. Under `jax.shard_map` pass `axis_name` (a mesh axis name or a tuple of
+them): each device keeps its local rows, gathers every z along those axes as columns, computes
+local rows x global columns, and the partial sums are psum-med, so every device returns the
+loss of the GLOBAL batch, and gradients flow back through the all-gather to each device's z.
+Row layout, for a (local) batch of b images: rows [z1_0..z1_{b-1}, z2_0..z2_{b-1}]; columns the
+same for the global batch of B images: [Z1_0..Z1_{B-1}, Z2_0..Z2_{B-1}].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+AxisName = str | Sequence[str] | None
+NEGATIVES = ("all", "cross")
+
+
+def tsp_similarity(cos: jax.Array, kappa: float) -> jax.Array:
+  """T-SP: 0.5 (1 + c) / (1 + (1 - c) kappa), in [0, 1]; 1 for identical directions."""
+  return 0.5 * (1.0 + cos) / (1.0 + (1.0 - cos) * kappa)
+
+
+def logit_scale(log_scale: jax.Array, max_scale: float = 100.0) -> jax.Array:
+  """s = exp(min(log_s, log max_scale)): clamped in the forward pass, no gradient above it."""
+  return jnp.exp(jnp.minimum(jnp.asarray(log_scale, jnp.float32), jnp.log(max_scale)))
+
+
+def l2_normalize(z: jax.Array, eps: float = 1e-12) -> jax.Array:
+  z = z.astype(jnp.float32)
+  return z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, axis=-1, keepdims=True), eps * eps))
+
+
+def _as_axes(axis_name: AxisName) -> tuple[str, ...] | str | None:
+  if axis_name is None or isinstance(axis_name, str):
+    return axis_name
+  return tuple(axis_name)
+
+
+def _gather_batch(z: jax.Array, axis_name: AxisName) -> jax.Array:
+  if axis_name is None:
+    return z
+  return jax.lax.all_gather(z, _as_axes(axis_name), axis=0, tiled=True)
+
+
+def _first_global_row(local_batch: int, axis_name: AxisName) -> jax.Array:
+  """Global index of this device's first example (matches all_gather's tiled order)."""
+  if axis_name is None:
+    return jnp.int32(0)
+  return jax.lax.axis_index(_as_axes(axis_name)) * local_batch
+
+
+def _sum_over_devices(x: jax.Array, axis_name: AxisName) -> jax.Array:
+  return x if axis_name is None else jax.lax.psum(x, _as_axes(axis_name))
+
+
+class PairLogits(NamedTuple):
+  logits: jax.Array        # (2b, 2B) local rows x global columns, self entries = -inf
+  positive: jax.Array      # (2b,) column of each row's partner view
+  global_batch: int        # B
+
+
+def spcl_logits(z1: jax.Array, z2: jax.Array, log_scale: jax.Array, *, kappa: float,
+                max_scale: float = 100.0, axis_name: AxisName = None) -> PairLogits:
+  """T-SP logits of this device's 2b rows against all 2B embeddings, self-pairs masked out."""
+  b = z1.shape[0]
+  rows = l2_normalize(jnp.concatenate([z1, z2], axis=0))                        # (2b, D)
+  g1 = _gather_batch(l2_normalize(z1), axis_name)                               # (B, D)
+  g2 = _gather_batch(l2_normalize(z2), axis_name)
+  big_b = g1.shape[0]
+  columns = jnp.concatenate([g1, g2], axis=0)                                   # (2B, D)
+  cos = jnp.clip(rows @ columns.T, -1.0, 1.0)
+  logits = tsp_similarity(cos, kappa) * logit_scale(log_scale, max_scale)
+  example = _first_global_row(b, axis_name) + jnp.arange(b)                     # global ids
+  self_col = jnp.concatenate([example, big_b + example])
+  positive = jnp.concatenate([big_b + example, example])
+  is_self = jnp.arange(2 * big_b)[None, :] == self_col[:, None]
+  return PairLogits(jnp.where(is_self, -jnp.inf, logits), positive, big_b)
+
+
+def _cross_entropy_sum(logits: jax.Array, target: jax.Array) -> jax.Array:
+  picked = jnp.take_along_axis(logits, target[:, None], axis=1)[:, 0]
+  return jnp.sum(jax.nn.logsumexp(logits, axis=1) - picked)
+
+
+def _loss_from_logits(pl: PairLogits, negatives: str, axis_name: AxisName) -> jax.Array:
+  big_b = pl.global_batch
+  if negatives == "all":
+    # Every other embedding of the global batch is a negative: 2(B - 1) per row.
+    local_sum = _cross_entropy_sum(pl.logits, pl.positive)
+  elif negatives == "cross":
+    # OCL: view-1 rows against view-2 columns and back, B x B each; the mean of the two CEs.
+    b = pl.logits.shape[0] // 2
+    z1_rows = pl.logits[:b, big_b:]
+    z2_rows = pl.logits[b:, :big_b]
+    target = pl.positive[b:]  # the example's own index, in either half
+    local_sum = _cross_entropy_sum(z1_rows, target) + _cross_entropy_sum(z2_rows, target)
+  else:
+    raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
+  return _sum_over_devices(local_sum, axis_name) / (2 * big_b)
+
+
+def _retrieval_from_logits(pl: PairLogits, axis_name: AxisName) -> jax.Array:
+  hits = jnp.sum((jnp.argmax(pl.logits, axis=1) == pl.positive).astype(jnp.float32))
+  return _sum_over_devices(hits, axis_name) / (2 * pl.global_batch)
+
+
+def spcl_loss(z1: jax.Array, z2: jax.Array, log_scale: jax.Array, *, kappa: float,
+              negatives: str = "all", axis_name: AxisName = None,
+              max_scale: float = 100.0) -> jax.Array:
+  """InfoNCE with T-SP logits over the global batch; z1, z2: (local batch, D), unnormalised."""
+  return spcl_loss_and_retrieval(z1, z2, log_scale, kappa=kappa, negatives=negatives,
+                                 axis_name=axis_name, max_scale=max_scale)[0]
+
+
+def pair_retrieval_top1(z1: jax.Array, z2: jax.Array, *, kappa: float,
+                        axis_name: AxisName = None) -> jax.Array:
+  """Share of the 2B rows whose best match (self excluded) is their partner; chance 1/(2B-1)."""
+  pl = spcl_logits(z1, z2, jnp.float32(0.0), kappa=kappa, axis_name=axis_name)
+  return _retrieval_from_logits(pl, axis_name)
+
+
+def spcl_loss_and_retrieval(z1: jax.Array, z2: jax.Array, log_scale: jax.Array, *,
+                            kappa: float, negatives: str = "all", axis_name: AxisName = None,
+                            max_scale: float = 100.0) -> tuple[jax.Array, jax.Array]:
+  """The loss and the pair-retrieval top-1 from one logits matrix (what the train step uses)."""
+  pl = spcl_logits(z1, z2, log_scale, kappa=kappa, max_scale=max_scale, axis_name=axis_name)
+  retrieval = jax.lax.stop_gradient(_retrieval_from_logits(pl, axis_name))
+  return _loss_from_logits(pl, negatives, axis_name), retrieval

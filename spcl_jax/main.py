@@ -1,0 +1,51 @@
+"""Entry point: python -m spcl_jax.main --config=configs/vitb512.py --workdir=DIR [--config.x=y]
+
+Parses flags, loads the config, calls `train.train_and_evaluate`. Rerunning the same command
+resumes from the latest checkpoint in DIR. For several processes (multi-host GPU, TPU pods,
+SLURM) add --distributed; see launch/.
+"""
+
+import logging
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Python config file (configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and config.json go.")
+flags.DEFINE_bool("distributed", False,
+                  "Call jax.distributed.initialize() (auto-detects SLURM, TPU pods, MPI; "
+                  "else give --coordinator_address, --num_processes, --process_id).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed).")
+flags.DEFINE_integer("num_processes", None, "Total processes (with --distributed).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --distributed).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  # orbax and grain log every file operation at INFO through absl: keep warnings only.
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  import jax  # pylint: disable=g-import-not-at-top
+  if FLAGS.distributed:
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id)
+  from spcl_jax import train  # pylint: disable=g-import-not-at-top
+  from spcl_jax.configuration import ConfigError  # pylint: disable=g-import-not-at-top
+  try:
+    summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (ConfigError, train.NonFiniteLossError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  if jax.process_index() == 0:
+    print("done: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()
+                               if isinstance(v, (int, float))), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,125 @@
+"""What a run reports: WORKDIR/metrics.jsonl, TensorBoard event files, a progress line, and the
+analytic FLOPs behind images/s -> TFLOP/s -> MFU.
+
+TensorBoard files are written with tensorboardX (clu's writers would pull in TensorFlow).
+Only process 0 writes; every process computes the same global values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+import time
+from typing import Any
+
+import jax
+import ml_collections
+
+from spcl_jax.masking import view_size
+from spcl_jax.models.vit import variant_dims
+
+# Dense bf16 peak FLOP/s per device, by a substring of jax's `device_kind` (lowercase), first
+# match wins. Override with config.peak_flops_per_device for anything not listed.
+PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("h200", 989e12), ("h100", 989e12), ("gh200", 989e12),
+    ("b200", 2250e12), ("a100", 312e12), ("l4", 121e12), ("a6000", 155e12),
+    ("tpu v6", 918e12), ("tpu v5p", 459e12), ("tpu v5 lite", 197e12), ("tpu v5e", 197e12),
+    ("tpu v5", 459e12), ("tpu v4", 275e12), ("tpu v3", 123e12),
+)
+
+
+def encoder_forward_flops(seq_len: int, width: int, depth: int, mlp_dim: int) -> float:
+  """Matmul FLOPs (2 per multiply-add) of one sequence through the transformer blocks."""
+  per_layer = (2 * seq_len * width * 3 * width      # q, k, v
+               + 2 * seq_len * seq_len * width * 2  # q k^T and attention-weighted v
+               + 2 * seq_len * width * width        # output projection
+               + 2 * seq_len * width * mlp_dim * 2)  # MLP in and out
+  return float(depth * per_layer)
+
+
+def train_flops_per_image(config: ml_collections.ConfigDict) -> float:
+  """Forward + backward (3x forward) of both views of one image, patch embedding included."""
+  dims = variant_dims(config.model.variant)
+  p, width = dims["patch_size"], dims["width"]
+  num_patches = (config.model.image_size // p) ** 2
+  h = view_size(num_patches, config.spcl.mask_ratio)
+  embed = 2 * h * p * p * config.model.channels * width
+  per_view = embed + encoder_forward_flops(h + 1, width, dims["depth"], dims["mlp_dim"])
+  return 3.0 * 2 * per_view
+
+
+def peak_flops_per_device(config: ml_collections.ConfigDict, device: jax.Device) -> float | None:
+  if config.peak_flops_per_device > 0:
+    return float(config.peak_flops_per_device)
+  kind = device.device_kind.lower()
+  for key, flops in PEAK_FLOPS:
+    if key in kind:
+      return flops
+  return None  # e.g. CPUs: no honest peak number, so MFU is reported as null
+
+
+def _json_value(value: Any) -> Any:
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+def format_duration(seconds: float) -> str:
+  seconds = max(0, int(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+class MetricsWriter:
+  """metrics.jsonl (one flat JSON object a line), TensorBoard scalars and stdout, on process 0."""
+
+  def __init__(self, workdir: str | pathlib.Path, *, total_steps: int, enabled: bool = True):
+    self.enabled = enabled
+    self.total_steps = total_steps
+    self._start_time = time.time()
+    self._start_step: int | None = None
+    self._jsonl = None
+    self._tb = None
+    if enabled:
+      workdir = pathlib.Path(workdir)
+      workdir.mkdir(parents=True, exist_ok=True)
+      self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(str(workdir / "tensorboard"), flush_secs=30)
+
+  def write(self, step: int, values: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: _json_value(v) for k, v in values.items()}}
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    for key, value in values.items():
+      if isinstance(value, (int, float)) and value is not None and math.isfinite(value):
+        self._tb.add_scalar(key, value, global_step=int(step))
+
+  def progress(self, step: int, values: dict[str, Any]) -> None:
+    """One line: step/total, the main numbers, and the ETA from the rate since the first call."""
+    if not self.enabled:
+      return
+    now = time.time()
+    if self._start_step is None:
+      self._start_step, self._start_time = step, now
+    done = step - self._start_step
+    rate = done / (now - self._start_time) if done > 0 else 0.0
+    eta = format_duration((self.total_steps - step) / rate) if rate > 0 else "--:--"
+    parts = [f"step {step}/{self.total_steps}"]
+    for key in ("loss", "eval_loss", "retrieval_top1", "eval_retrieval_top1", "temperature",
+                "images_per_sec"):
+      if key in values and values[key] is not None:
+        parts.append(f"{key} {values[key]:.4g}")
+    parts.append(f"ETA {eta}")
+    print(" | ".join(parts), file=sys.stdout, flush=True)
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()

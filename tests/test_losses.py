@@ -1,0 +1,110 @@
+"""The loss against an independent NumPy implementation of METHOD 4, and closed forms."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spcl_jax import losses
+
+
+def np_tsp(c, kappa):
+  return 0.5 * (1 + c) / (1 + (1 - c) * kappa)
+
+
+def np_logsumexp(x):
+  m = np.max(x)
+  return m + math.log(np.sum(np.exp(x - m)))
+
+
+def np_reference(z1, z2, log_s, kappa, negatives, max_scale=100.0):
+  """Loops over rows, written from the paper's eq. 2 (float64)."""
+  z1 = z1 / np.linalg.norm(z1, axis=1, keepdims=True)
+  z2 = z2 / np.linalg.norm(z2, axis=1, keepdims=True)
+  s = math.exp(min(log_s, math.log(max_scale)))
+  b = len(z1)
+  if negatives == "all":
+    z = np.concatenate([z1, z2])
+    total = 0.0
+    for i in range(2 * b):
+      partner = (i + b) % (2 * b)
+      others = [j for j in range(2 * b) if j != i]
+      row = np.array([np_tsp(z[i] @ z[j], kappa) * s for j in others])
+      total += np_logsumexp(row) - np_tsp(z[i] @ z[partner], kappa) * s
+    return total / (2 * b)
+  ce = []
+  for a, c in ((z1, z2), (z2, z1)):
+    total = 0.0
+    for i in range(b):
+      row = np.array([np_tsp(a[i] @ c[j], kappa) * s for j in range(b)])
+      total += np_logsumexp(row) - row[i]
+    ce.append(total / b)
+  return 0.5 * (ce[0] + ce[1])
+
+
+@pytest.mark.parametrize("negatives", ["all", "cross"])
+@pytest.mark.parametrize("kappa", [1 / 64, 0.5, 4.0])
+def test_matches_numpy_reference(negatives, kappa):
+  rng = np.random.default_rng(0)
+  z1, z2 = rng.normal(size=(6, 16)), rng.normal(size=(6, 16))
+  log_s = math.log(1 / 0.07)
+  got = losses.spcl_loss(jnp.float32(z1), jnp.float32(z2), jnp.float32(log_s), kappa=kappa,
+                         negatives=negatives)
+  want = np_reference(z1, z2, log_s, kappa, negatives)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_tsp_similarity_closed_form():
+  cos = jnp.array([1.0, 0.0, -1.0])
+  np.testing.assert_allclose(losses.tsp_similarity(cos, 1.0), [1.0, 0.25, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(losses.tsp_similarity(cos, 1 / 64), [1.0, 0.5 / (1 + 1 / 64), 0.0],
+                             rtol=1e-6)
+
+
+def test_all_embeddings_identical_gives_log_of_negatives_plus_one():
+  # Every logit equals s: each row is a uniform softmax over 2B - 1 columns.
+  z = jnp.ones((5, 8))
+  loss = losses.spcl_loss(z, z, jnp.log(10.0), kappa=0.1, negatives="all")
+  np.testing.assert_allclose(float(loss), math.log(2 * 5 - 1), rtol=1e-6)
+  loss = losses.spcl_loss(z, z, jnp.log(10.0), kappa=0.1, negatives="cross")
+  np.testing.assert_allclose(float(loss), math.log(5), rtol=1e-6)
+
+
+def test_partners_identical_and_negatives_orthogonal():
+  # z1 = z2 = e_i: positive sim 1, every negative cos 0 -> sim 0.5/(1+kappa).
+  b, kappa, s = 4, 0.25, 5.0  # loss ~0.2: well inside float32 resolution
+  z = jnp.eye(b, 8)
+  loss = losses.spcl_loss(z, z, jnp.log(s), kappa=kappa, negatives="all")
+  neg = 0.5 / (1 + kappa) * s
+  want = -s + math.log(math.exp(s) + 2 * (b - 1) * math.exp(neg))
+  np.testing.assert_allclose(float(loss), want, rtol=1e-6)
+  retrieval = losses.pair_retrieval_top1(z, z, kappa=kappa)
+  assert float(retrieval) == 1.0
+
+
+def test_scale_is_clamped_with_zero_gradient_above_the_cap():
+  z1, z2 = jnp.eye(3, 4), jnp.eye(3, 4)[::-1]
+  grad = jax.grad(lambda ls: losses.spcl_loss(z1, z2, ls, kappa=0.1))
+  assert float(grad(jnp.log(200.0))) == 0.0
+  assert float(grad(jnp.log(10.0))) != 0.0
+  np.testing.assert_allclose(float(losses.logit_scale(jnp.log(200.0))), 100.0, rtol=1e-6)
+
+
+def test_retrieval_counts_rows_whose_best_other_is_the_partner():
+  z1 = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+  z2 = jnp.array([[1.0, 0.1], [1.0, 0.0]])  # row 3 (z2[1]) matches z1[0] best: a miss
+  # rows: z1[0]->z2[1]? cos(z1[0], z2[0]) < cos(z1[0], z2[1]) = 1, so z1[0] misses too.
+  got = float(losses.pair_retrieval_top1(z1, z2, kappa=0.0 + 1e-3))
+  z = np.concatenate([np.asarray(z1), np.asarray(z2)])
+  z = z / np.linalg.norm(z, axis=1, keepdims=True)
+  sims = z @ z.T
+  np.fill_diagonal(sims, -np.inf)
+  want = np.mean(np.argmax(sims, axis=1) == np.array([2, 3, 0, 1]))
+  assert got == want and 0 < got < 1
+
+
+def test_unknown_negatives_mode_is_refused():
+  with pytest.raises(ValueError, match="negatives"):
+    losses.spcl_loss(jnp.ones((2, 3)), jnp.ones((2, 3)), 0.0, kappa=0.1, negatives="some")
