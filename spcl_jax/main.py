@@ -25,6 +25,25 @@ flags.DEFINE_integer("process_id", None, "This process's index (with --distribut
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, with one-line errors instead of tracebacks for bad --config overrides."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e))
+  except (AttributeError, KeyError) as e:  # ml_collections: a --config.x path that is not there
+    overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
+    _fail(f"unknown config field {str(e).strip(chr(34))} in: {overrides}")
+  except (TypeError, ValueError) as e:
+    _fail(f"bad command line: {e}")
+  return []
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -38,7 +57,12 @@ def main(argv):
   from spcl_jax import train  # pylint: disable=g-import-not-at-top
   from spcl_jax.configuration import ConfigError  # pylint: disable=g-import-not-at-top
   try:
-    summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    config = FLAGS.config
+    config.get("model")  # the config file loads lazily: surface a missing/broken file here
+  except (OSError, SyntaxError, ImportError) as e:
+    _fail(f"--config: {' '.join(str(e).split())}")
+  try:
+    summary = train.train_and_evaluate(config, FLAGS.workdir)
   except (ConfigError, train.NonFiniteLossError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -48,4 +72,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

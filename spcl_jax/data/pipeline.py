@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 import grain
+from absl import flags
 import ml_collections
 import numpy as np
 
@@ -81,6 +82,10 @@ def _read_options(config: ml_collections.ConfigDict) -> grain.ReadOptions:
 def _with_workers(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
   if num_workers <= 0:
     return ds
+  # grain's workers read absl flags; called as a library (tests, notebooks) nobody parsed them,
+  # so take the defaults rather than fail.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
   return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
 
 
