@@ -1,6 +1,7 @@
 """`python -m spcl_jax.main` as a user runs it, in a subprocess."""
 
 import json
+import os
 import pathlib
 import signal
 import subprocess
@@ -63,3 +64,31 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"resumed from {checkpoint.checkpoint_dir(tmp_path)} at step {steps[0]}" in result.stdout
   assert checkpoint.available_steps(tmp_path)[-1] == steps[0] + 2
+
+
+def test_two_processes_of_four_devices_log_the_losses_of_one_process_of_eight(tmp_path):
+  """The multi-host path (jax.distributed, per-process data blocks, per-process iterator
+  state) gives the single-process run's losses: masks and batches do not depend on layout."""
+  common = ["--config=configs/demo.py", "--config.model.image_size=64",
+            "--config.total_steps=4", "--config.log_every_steps=1"]
+  env = {**os.environ, "PORT": str(23000 + os.getpid() % 1000), "DEVICES_PER_PROCESS": "4",
+         "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}",
+         "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  multi = subprocess.run(["bash", "launch/local_multiprocess.sh", "2",
+                          f"--workdir={tmp_path / 'multi'}", *common],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert multi.returncode == 0, multi.stderr[-3000:]
+  single = run_main(f"--workdir={tmp_path / 'single'}", *common[1:])
+  assert single.returncode == 0, single.stderr[-3000:]
+
+  def losses(workdir):
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, lines) if "loss" in r]
+
+  got, want = losses(tmp_path / "multi"), losses(tmp_path / "single")
+  assert [s for s, _ in got] == [1, 2, 3, 4]
+  for (_, a), (_, b) in zip(got, want):
+    assert abs(a - b) <= 1e-5 * max(1.0, abs(b))
+  data_state = checkpoint.checkpoint_dir(tmp_path / "multi") / "4" / "data"
+  assert sorted(p.name for p in data_state.glob("process_*")) == [
+      "process_0-of-2.json", "process_1-of-2.json"]

@@ -1,0 +1,1 @@
+"""Benchmarks that print numbers: `python -m spcl_jax.bench train|input ...`."""

@@ -1,0 +1,22 @@
+"""python -m spcl_jax.bench WHAT [flags]
+
+  train   jitted S-PCL train steps on synthetic uint8 images: images/s, TFLOP/s, MFU
+  input   the input pipeline alone on prepared data: decoded images/s (datasets wing)
+"""
+
+import importlib
+import sys
+
+BENCHMARKS = {"train": "spcl_jax.bench.train", "input": "spcl_jax.bench.input"}
+
+
+def main() -> int:
+  if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:
+    print(__doc__.strip(), file=sys.stderr)
+    return 2
+  module = importlib.import_module(BENCHMARKS[sys.argv[1]])
+  return module.main([f"spcl_jax.bench {sys.argv[1]}", *sys.argv[2:]])
+
+
+if __name__ == "__main__":
+  sys.exit(main())
