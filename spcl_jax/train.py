@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from clu import metrics as clu_metrics
 
 from spcl_jax import checkpoint, metrics, optimizer, run_info, sharding, steps
 from spcl_jax.configuration import validate_config
@@ -29,6 +30,13 @@ from spcl_jax.data.sources import open_source
 from spcl_jax.models.vit import build_encoder
 
 log = logging.getLogger("spcl_jax")
+
+
+# Means over equal-sized eval batches (clu.metrics; clu's writers would import TensorFlow).
+# Built with create(): this module's postponed annotations would hide field types from clu.
+EvalMetrics = clu_metrics.Collection.create(
+    eval_loss=clu_metrics.Average.from_output("loss"),
+    eval_retrieval_top1=clu_metrics.Average.from_output("retrieval"))
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -70,13 +78,13 @@ def _evaluate(eval_step, params, eval_ds, eval_key, mesh, config) -> dict[str, f
   The eval key is separate from the train key, so these partitions are never trained on; it is
   the same at every evaluation, so the numbers are comparable across steps.
   """
-  losses, hits = [], []
+  totals = None
   for i in range(len(eval_ds)):
     images = steps.global_batch(pipeline.as_numpy_batch(eval_ds[i]), mesh, config)
     loss, retrieval = eval_step(params, images, jax.random.fold_in(eval_key, i))
-    losses.append(float(loss))
-    hits.append(float(retrieval))
-  return {"eval_loss": float(np.mean(losses)), "eval_retrieval_top1": float(np.mean(hits))}
+    batch = EvalMetrics.single_from_model_output(loss=loss, retrieval=retrieval)
+    totals = batch if totals is None else totals.merge(batch)
+  return {k: float(v) for k, v in totals.compute().items()}
 
 
 def _check_finite(step: int, values: dict[str, float], last_checkpoint: int | None,
