@@ -22,7 +22,7 @@ from spcl_jax import checkpoint
 from spcl_jax.data.decode import decode_image
 from spcl_jax.data.sources import SAMPLE_DIR, FolderSource
 from spcl_jax.models.vit import build_encoder, encode_images
-from spcl_jax.pretrained import normalize_uint8
+from spcl_jax.pretrained import abstract_params, normalize_uint8
 from spcl_jax.run_info import write_run_info
 
 # Parity is checked in float32 on CPU on both sides; accelerator defaults round matmuls.
@@ -38,22 +38,27 @@ def make_config(variant: str, image_size: int):
 
 
 def random_encoder_params(config, seed: int = 0) -> dict[str, Any]:
-  model = build_encoder(config.model)
-  n = model.num_patches
-  variables = model.init(jax.random.key(seed), jnp.zeros((1, n, model.patch_size ** 2)),
-                         jnp.zeros((1, n), jnp.int32))
-  params = flax.core.meta.unbox(variables["params"])
-  flat = flax.traverse_util.flatten_dict(params, sep="/")
+  """Random weights of the right shapes, drawn in numpy (model.init would compile the model).
+
+  Kernels ~ N(0, 1/fan_in), so activations keep a realistic scale through the blocks; biases,
+  CLS and LayerNorm scales are off their init values (see the module docstring).
+  """
+  shapes = flax.traverse_util.flatten_dict(abstract_params(build_encoder(config.model)), sep="/")
   rng = np.random.default_rng(seed)
-  out = {}
-  for name, value in flat.items():
-    value = np.asarray(value, np.float32)
-    if name.endswith("bias") or name == "cls":
-      value = value + rng.normal(0.0, 0.1, value.shape).astype(np.float32)
+  params = {}
+  for name, shape in shapes.items():
+    shape = shape.shape
+    if name.endswith("kernel"):
+      # query/key/value kernels are (D, heads, head_dim): their fan-in is D alone.
+      is_qkv = any(f"/{n}/" in name for n in ("query", "key", "value"))
+      fan_in = shape[0] if is_qkv else int(np.prod(shape[:-1]))
+      value = rng.normal(0.0, fan_in ** -0.5, shape)
     elif name.endswith("scale"):
-      value = value * rng.uniform(0.5, 1.5, value.shape).astype(np.float32)
-    out[name] = value
-  return flax.traverse_util.unflatten_dict(out, sep="/")
+      value = rng.uniform(0.5, 1.5, shape)
+    else:  # biases and cls
+      value = rng.normal(0.0, 0.1, shape)
+    params[name] = value.astype(np.float32)
+  return flax.traverse_util.unflatten_dict(params, sep="/")
 
 
 def make_workdir(path: pathlib.Path, variant: str, image_size: int, *, step: int = 7,
