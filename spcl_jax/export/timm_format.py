@@ -25,8 +25,6 @@ import spcl_jax
 from spcl_jax.export.layout import timm_kwargs, timm_state_dict
 from spcl_jax.pretrained import PretrainedEncoder
 
-SUFFIX = ".safetensors"
-
 
 def sidecar_path(out: str | os.PathLike[str]) -> pathlib.Path:
   return pathlib.Path(out).with_suffix(".json")
@@ -65,9 +63,6 @@ def write_timm(pretrained: PretrainedEncoder, out: str | os.PathLike[str], in_ch
     raise ImportError("the timm format needs safetensors: pip install -e '.[torch]'") from e
 
   out = pathlib.Path(out)
-  if out.suffix != SUFFIX:
-    raise ValueError(f"--out {str(out)!r}: the timm format writes a {SUFFIX} file "
-                     f"(its JSON goes beside it), e.g. --out spcl_vit{SUFFIX}")
   state = timm_state_dict(pretrained.params, pretrained.model.grid_size, in_chans)
   description = describe_export(pretrained, "timm", in_chans)
   tmp = out.with_name(out.name + ".tmp")
