@@ -38,8 +38,8 @@ def spread_over_channels(kernel: np.ndarray, in_chans: int) -> np.ndarray:
   """(P, P, C, D) -> (P, P, in_chans, D), each new channel carrying kernel / in_chans.
 
   A grayscale image copied to every channel then gives exactly the trained activations
-  (sum over channels of x * W / in_chans = x * W). Repeating W unchanged, as timm's and most
-  loaders do for a 1-channel source, silently multiplies the patch embedding by in_chans.
+  (sum over channels of x * W / in_chans = x * W). Repeating W unchanged, as timm's loaders do
+  for a 1-channel source, silently multiplies the patch embedding by in_chans.
   """
   channels = kernel.shape[2]
   if channels == in_chans:

@@ -30,8 +30,8 @@ def big_vision_arrays(params: dict[str, Any], grid_size: int, in_chans: int
   """Flat '/'-joined float32 arrays, the patch kernel spread over `in_chans` channels."""
   flat = {k: np.asarray(v, np.float32)
           for k, v in flax.traverse_util.flatten_dict(params, sep="/").items()}
-  # timm's loader would repeat a 1-channel kernel unchanged (3x the activations) or refuse it,
-  # depending on its version: spread it ourselves, so every timm reads the same correct numbers.
+  # timm's npz loader copies a 1-channel kernel unchanged into every channel of a 3-channel
+  # model (3x the activations, no error; timm 1.0.31): spread it ourselves instead.
   flat[EMBEDDING_KERNEL] = spread_over_channels(flat[EMBEDDING_KERNEL], in_chans)
   width = flat[EMBEDDING_KERNEL].shape[-1]
   flat[POS_EMBEDDING] = sincos_2d_posemb(grid_size, width)[None]
