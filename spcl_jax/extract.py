@@ -66,7 +66,7 @@ def _image_folder(images: str) -> sources.FolderSource:
 
 
 def make_encode_fn(pretrained: PretrainedEncoder, mean_patch: bool):
-  """uint8 (B, S, S) -> (cls (B, D)[, mean of the patch tokens (B, D)]), jitted once."""
+  """uint8 (B, S, S) -> {'cls': (B, D)[, 'mean_patch': (B, D)]} in float32, jitted once."""
   model, mean, std = pretrained.model, pretrained.mean, pretrained.std
 
   @jax.jit

@@ -123,3 +123,14 @@ def test_missing_output_folder_fails_before_extracting(run, tmp_path, capsys):
   assert code == 1
   err = capsys.readouterr().err
   assert "--out" in err and "does not exist" in err and "16/16" not in err
+
+
+def test_bfloat16_extraction_stays_close_to_float32(run):
+  """--dtype bfloat16 (for accelerators) computes the same features, only rounded."""
+  source = sources.FolderSource(SAMPLE_DIR)
+  feats = extract.extract_features(load_pretrained(run["workdir"], dtype="bfloat16"), source,
+                                   batch_size=8, progress=False)
+  assert feats["cls"].dtype == np.float32
+  scale = np.abs(run["reference"]).max()
+  diff = max_abs_diff(feats["cls"], run["reference"])
+  assert 0 < diff <= 0.05 * scale  # rounded (not float32 silently), yet the same features
