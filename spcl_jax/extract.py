@@ -1,0 +1,199 @@
+"""Features of every image of a folder or prepared dataset, from a pre-training checkpoint.
+
+  python -m spcl_jax.extract --workdir W (--images DIR | --data PREPARED [--split S]) \
+      --out feats.npz [--step S] [--batch-size 32] [--mean-patch] [--dtype float32|bfloat16]
+
+Each image is seen whole (all N patches + CLS, as fine-tuning sees it, not a masking partition)
+and preprocessed exactly as in pre-training, from WORKDIR/config.json: `decode_image` at the
+run's image size and resize filter, then (u8 / 255 - mean) / std in float32 on the device.
+
+feats.npz holds `names` (M,) str, `cls` (M, D) float32 (the CLS output after the final norm,
+the S-PCL embedding z), with --mean-patch `mean_patch` (M, D) (the mean of the final-norm patch
+tokens), and `step`, `variant`, `image_size`, `workdir` to say where they came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from spcl_jax.data import sources
+from spcl_jax.data.decode import decode_image
+from spcl_jax.models.vit import encode_images
+from spcl_jax.pretrained import PretrainedEncoder, load_pretrained, normalize_uint8
+
+PREPARED_KIND = "prepared"
+
+
+def prepared_source_spec(data: str, split: str | None) -> str:
+  """The `open_source` spec for a prepared dataset (the Datasets wing's 'prepared' kind)."""
+  return f"{PREPARED_KIND}:{data}" if split is None else f"{PREPARED_KIND}:{data}?split={split}"
+
+
+def open_images(images: str | None = None, data: str | None = None,
+                split: str | None = None) -> sources.ImageSource:
+  """--images DIR (every PNG/JPEG under it) or --data PREPARED [--split S]."""
+  if (images is None) == (data is None):
+    raise ValueError("give exactly one of --images DIR and --data PREPARED")
+  if images is not None:
+    if split is not None:
+      raise ValueError("--split applies to --data PREPARED only, not to --images")
+    return _image_folder(images)
+  if PREPARED_KIND not in sources.source_kinds():
+    raise ValueError(
+        f"--data {data!r}: this installation has no {PREPARED_KIND!r} image source "
+        f"(spcl_jax.data.prepared; known kinds: {', '.join(sources.source_kinds())}); "
+        "use --images DIR for a folder of PNG/JPEG files")
+  return sources.open_source(prepared_source_spec(data, split))
+
+
+def _image_folder(images: str) -> sources.FolderSource:
+  folder = pathlib.Path(images).expanduser()
+  if not folder.is_dir():
+    raise FileNotFoundError(f"--images {images!r} does not exist or is not a directory")
+  if not any(p.suffix.lower() in sources.IMAGE_SUFFIXES for p in folder.rglob("*")):
+    raise ValueError(f"--images {images!r}: no {'/'.join(sources.IMAGE_SUFFIXES)} files in it")
+  return sources.FolderSource(folder)
+
+
+def make_encode_fn(pretrained: PretrainedEncoder, mean_patch: bool):
+  """uint8 (B, S, S) -> {'cls': (B, D)[, 'mean_patch': (B, D)]} in float32, jitted once."""
+  model, mean, std = pretrained.model, pretrained.mean, pretrained.std
+
+  @jax.jit
+  def encode(params: Any, images_u8: jax.Array) -> dict[str, jax.Array]:
+    x = normalize_uint8(images_u8, mean, std)
+    if model.channels > 1:  # a model trained on C channels sees the grayscale copied to each
+      x = jnp.repeat(x[..., None], model.channels, axis=-1)
+    tokens = encode_images(model, params, x).astype(jnp.float32)
+    out = {"cls": tokens[:, 0]}
+    if mean_patch:
+      out["mean_patch"] = tokens[:, 1:].mean(axis=1)
+    return out
+
+  return encode
+
+
+def decoded_batches(source: sources.ImageSource, image_size: int, resize_filter: str,
+                    batch_size: int) -> Iterator[tuple[list[str], np.ndarray]]:
+  """(names, uint8 (batch_size, S, S)) in source order; the last batch is zero-padded.
+
+  Padding keeps one batch shape, so the encoder compiles once; the names say how many rows
+  of the last batch are real.
+  """
+  for start in range(0, len(source), batch_size):
+    records = [source[i] for i in range(start, min(start + batch_size, len(source)))]
+    images = np.zeros((batch_size, image_size, image_size), np.uint8)
+    for row, record in enumerate(records):
+      images[row] = decode_image(record, image_size, resize_filter)
+    yield [r["name"] for r in records], images
+
+
+def extract_features(pretrained: PretrainedEncoder, source: sources.ImageSource, *,
+                     batch_size: int = 32, mean_patch: bool = False,
+                     progress: bool = True) -> dict[str, np.ndarray]:
+  """Features of every image of `source`, in source order (see the module docstring)."""
+  if batch_size < 1:
+    raise ValueError(f"--batch-size {batch_size}: must be at least 1")
+  if len(source) == 0:
+    raise ValueError(f"{source!r} has no images")
+  batch_size = min(batch_size, len(source))  # no padding work beyond the dataset
+  encode = make_encode_fn(pretrained, mean_patch)
+  params = jax.device_put(pretrained.params)
+  names: list[str] = []
+  columns: dict[str, list[np.ndarray]] = {}
+  pending = None  # the previous batch, still computing on the device while we decode
+  bar = tqdm.tqdm(total=len(source), unit="img", desc="extract", disable=not progress)
+  # float32 features at full precision: accelerators otherwise round float32 matmuls.
+  with jax.default_matmul_precision("highest"), bar:
+    for batch_names, images in decoded_batches(
+        source, pretrained.image_size, pretrained.resize_filter, batch_size):
+      outputs = encode(params, images)  # dispatched asynchronously
+      if pending is not None:
+        _collect(pending, names, columns, bar)
+      pending = (batch_names, outputs)
+    if pending is not None:
+      _collect(pending, names, columns, bar)
+  features = {k: np.concatenate(v) for k, v in columns.items()}
+  features["names"] = np.asarray(names, dtype=str)
+  return features
+
+
+def _collect(pending: tuple[list[str], dict[str, jax.Array]], names: list[str],
+             columns: dict[str, list[np.ndarray]], bar: tqdm.tqdm) -> None:
+  batch_names, outputs = pending
+  names.extend(batch_names)
+  for key, value in outputs.items():
+    columns.setdefault(key, []).append(np.asarray(value)[:len(batch_names)])
+  bar.update(len(batch_names))
+
+
+def check_out(out: str | os.PathLike[str]) -> pathlib.Path:
+  out = pathlib.Path(out).expanduser()
+  if not out.parent.is_dir():
+    raise FileNotFoundError(f"--out {str(out)!r}: folder {str(out.parent)!r} does not exist")
+  return out
+
+
+def write_features(features: dict[str, np.ndarray], pretrained: PretrainedEncoder,
+                   out: str | os.PathLike[str]) -> pathlib.Path:
+  out = check_out(out)
+  provenance = dict(step=np.int64(pretrained.step),
+                    variant=np.asarray(pretrained.info["model"]["variant"]),
+                    image_size=np.int64(pretrained.image_size),
+                    workdir=np.asarray(str(pretrained.workdir.resolve())))
+  tmp = out.with_name(out.name + ".tmp")
+  with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to other names
+    np.savez(f, **features, **provenance)
+  tmp.replace(out)
+  return out
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog="python -m spcl_jax.extract",
+      description="CLS features (and optionally mean patch tokens) of whole images.")
+  parser.add_argument("--workdir", required=True, help="the pre-training workdir")
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  inputs = parser.add_mutually_exclusive_group(required=True)
+  inputs.add_argument("--images", help="a folder of PNG/JPEG images (searched recursively)")
+  inputs.add_argument("--data", help="a prepared dataset folder (the dataset preparation's OUT_DIR)")
+  parser.add_argument("--split", default=None, help="split of the prepared dataset (--data)")
+  parser.add_argument("--out", required=True, help="the .npz file to write")
+  parser.add_argument("--batch-size", type=int, default=32)
+  parser.add_argument("--mean-patch", action="store_true",
+                      help="also store the mean of the patch tokens")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="computation dtype; float32 reproduces the exported models")
+  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
+  try:
+    check_out(args.out)  # before hours of extraction, not after
+    source = open_images(args.images, args.data, args.split)
+    pretrained = load_pretrained(args.workdir, args.step, dtype=args.dtype)
+    features = extract_features(pretrained, source, batch_size=args.batch_size,
+                                mean_patch=args.mean_patch, progress=not args.no_progress)
+    out = write_features(features, pretrained, args.out)
+  except (FileNotFoundError, ValueError, KeyError) as e:
+    print(f"extract failed: {e}", file=sys.stderr)
+    return 1
+  print(f"wrote {out}: {len(features['names'])} images, features of width "
+        f"{features['cls'].shape[1]} (checkpoint step {pretrained.step})")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
