@@ -29,7 +29,8 @@ import tqdm
 from spcl_jax.data import sources
 from spcl_jax.data.decode import decode_image
 from spcl_jax.models.vit import encode_images
-from spcl_jax.pretrained import PretrainedEncoder, load_pretrained, normalize_uint8
+from spcl_jax.data.normalize import normalize_uint8
+from spcl_jax.pretrained import PretrainedEncoder, load_pretrained
 
 PREPARED_KIND = "prepared"
 

@@ -105,7 +105,3 @@ def check_params_fit_model(model: VisionTransformer, params: Any, where: str) ->
       raise ValueError(f"{where}: parameter {name!r} has shape {np.shape(actual[name])}, the "
                        f"model in config.json expects {expected[name].shape}")
 
-
-def normalize_uint8(images: jax.Array, mean: float, std: float) -> jax.Array:
-  """uint8 pixels -> float32 (x / 255 - mean) / std, the pre-training normalisation."""
-  return (images.astype(jnp.float32) / 255.0 - mean) / std

@@ -22,6 +22,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from spcl_jax import losses, masking, sharding
+from spcl_jax.data.normalize import normalize_uint8
 from spcl_jax.models.vit import VisionTransformer, patchify
 
 
@@ -72,16 +73,11 @@ def create_train_state(model: VisionTransformer, tx: optax.GradientTransformatio
   return jax.jit(init, out_shardings=shardings)(key)
 
 
-def normalize_images(images: jax.Array, mean: float, std: float) -> jax.Array:
-  """uint8 -> float32 (x / 255 - mean) / std, on device."""
-  return (images.astype(jnp.float32) / 255.0 - mean) / std
-
-
 def partitioned_views(images: jax.Array, key: jax.Array, model: VisionTransformer,
                       config: ml_collections.ConfigDict, batch_spec: NamedSharding | None
                       ) -> tuple[jax.Array, jax.Array]:
   """(2, B, h, P*P*C) view patches and their (2, B, h) grid positions."""
-  x = normalize_images(images, config.data.mean, config.data.std)
+  x = normalize_uint8(images, config.data.mean, config.data.std)
   patches = patchify(x, model.patch_size)                                     # (B, N, PPC)
   batch, num_patches = patches.shape[:2]
   idx1, idx2 = masking.partition(key, batch, num_patches, config.spcl.mask_ratio)

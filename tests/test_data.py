@@ -1,9 +1,7 @@
 """Sources, decoding and the grain pipeline."""
 
 import io
-import pathlib
 
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image

@@ -51,7 +51,7 @@ def test_command_on_the_bundled_folder(run, tmp_path):
 def test_mean_patch_is_the_mean_of_the_patch_tokens(run):
   import jax  # pylint: disable=g-import-not-at-top
   from spcl_jax.models.vit import encode_images  # pylint: disable=g-import-not-at-top
-  from spcl_jax.pretrained import normalize_uint8  # pylint: disable=g-import-not-at-top
+  from spcl_jax.data.normalize import normalize_uint8  # pylint: disable=g-import-not-at-top
   pretrained = load_pretrained(run["workdir"])
   feats = extract.extract_features(pretrained, sources.FolderSource(SAMPLE_DIR), batch_size=16,
                                    mean_patch=True, progress=False)
