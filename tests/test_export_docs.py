@@ -1,4 +1,4 @@
-"""docs/export.md's promise: one command, then its two lines of Python give the JAX features."""
+"""The README's export promise: one command, then its two lines of Python give the JAX features."""
 
 import pathlib
 import re
@@ -9,7 +9,7 @@ from export_fixtures import (TOLERANCE, jax_cls_features, make_config, make_work
                              max_abs_diff, sample_images, torch_input)
 from spcl_jax.export.__main__ import main
 
-DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "export.md"
+DOC = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_readme_snippet_rebuilds_the_model(tmp_path, monkeypatch):
