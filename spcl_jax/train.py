@@ -190,33 +190,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpoint.save(manager, step, state.params, state.opt_state, train_iter)
     last_checkpoint = step
 
-  if start_step == 0:
-    run_eval(0)
-  pending: tuple[int, dict[str, jax.Array]] | None = None
-  with _StopRequest() as stop:
-    for step in range(start_step + 1, config.total_steps + 1):
-      images = steps.global_batch(pipeline.as_numpy_batch(next(train_iter)), mesh, config)
-      step_key = jax.random.fold_in(keys["train"], step - 1)
-      state, step_metrics = train_step(state, images, step_key)
+  try:
+    if start_step == 0:
+      run_eval(0)
+    pending: tuple[int, dict[str, jax.Array]] | None = None
+    with _StopRequest() as stop:
+      for step in range(start_step + 1, config.total_steps + 1):
+        images = steps.global_batch(pipeline.as_numpy_batch(next(train_iter)), mesh, config)
+        step_key = jax.random.fold_in(keys["train"], step - 1)
+        state, step_metrics = train_step(state, images, step_key)
+        if pending is not None:
+          record_train(*pending)
+        pending = (step, step_metrics)
+        is_last = step == config.total_steps
+        if step % config.checkpoint_every_steps == 0 or is_last or stop.requested:
+          record_train(*pending)  # never checkpoint a state whose loss was not checked
+          pending = None
+          save(step)
+        if step % config.eval_every_steps == 0 or is_last:
+          run_eval(step)
+        if stop.requested:
+          print(f"stopped at step {step}; checkpoint saved, rerun the same command to resume",
+                flush=True)
+          break
       if pending is not None:
         record_train(*pending)
-      pending = (step, step_metrics)
-      is_last = step == config.total_steps
-      if step % config.checkpoint_every_steps == 0 or is_last or stop.requested:
-        record_train(*pending)  # never checkpoint a state whose loss was not checked
-        pending = None
-        save(step)
-      if step % config.eval_every_steps == 0 or is_last:
-        run_eval(step)
-      if stop.requested:
-        print(f"stopped at step {step}; checkpoint saved, rerun the same command to resume",
-              flush=True)
-        break
-    if pending is not None:
-      record_train(*pending)
-  if last_checkpoint != int(jax.device_get(state.step)):
-    save(int(jax.device_get(state.step)))
-  manager.wait_until_finished()
-  manager.close()
-  writer.close()
+    if last_checkpoint != int(jax.device_get(state.step)):
+      save(int(jax.device_get(state.step)))
+  finally:
+    # Also on errors: finish a checkpoint already being written, stop grain's workers.
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    if hasattr(train_iter, "close"):
+      train_iter.close()
   return {**last_train, **last_eval, "step": int(jax.device_get(state.step))}
