@@ -46,12 +46,15 @@ def _voi_to_unit(values: np.ndarray, ds) -> np.ndarray | None:
   if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
     lut_item = ds.VOILUTSequence[0]
     output_bits = int(lut_item.LUTDescriptor[2])
+    # A LUT table is indexed by value: give it integers (a rescale may have made floats).
+    if not np.issubdtype(values.dtype, np.integer):
+      values = np.rint(values).astype(np.int64)
     return apply_voi(values, ds).astype(np.float64) / float(2**output_bits - 1)
   if "WindowCenter" in ds and "WindowWidth" in ds:
     center = _first_number(ds.WindowCenter)
     width = _first_number(ds.WindowWidth)
     function = str(getattr(ds, "VOILUTFunction", "LINEAR") or "LINEAR").upper()
-    return _window_to_unit(values, center, width, function)
+    return _window_to_unit(values.astype(np.float64), center, width, function)
   return None
 
 
@@ -79,10 +82,10 @@ def dataset_to_unit_range(ds, name: str) -> np.ndarray:
   if stored.ndim != 2:
     raise ValueError(f"DICOM {name!r}: expected one grayscale frame, got pixel array of shape "
                      f"{stored.shape}")
-  values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+  values = np.asarray(apply_modality_lut(stored, ds))
   unit = _voi_to_unit(values, ds)
   if unit is None:
-    unit = _min_max_to_unit(values, name)
+    unit = _min_max_to_unit(values.astype(np.float64), name)
   if photometric == "MONOCHROME1":
     unit = 1.0 - unit
   return np.clip(unit, 0.0, 1.0).astype(np.float32)
