@@ -17,22 +17,13 @@ import json
 import pathlib
 import time
 
+import grain
 import numpy as np
 from PIL import Image
 
 from spcl_jax.data import decode
 from spcl_jax.data.datasets import records
 from spcl_jax.data.sources import SAMPLE_DIR
-
-
-class DecodeRecord:
-  """grain MapTransform: source record -> uint8 (S, S); a class so it pickles into workers."""
-
-  def __init__(self, image_size: int):
-    self.image_size = image_size
-
-  def map(self, record):
-    return decode.decode_image(record, self.image_size)
 
 
 def one_core_rate(source, image_size: int, seconds: float, seed: int = 0) -> dict:
@@ -54,9 +45,22 @@ def one_core_rate(source, image_size: int, seconds: float, seed: int = 0) -> dic
           "read_ms": 1e3 * read_s / count, "decode_ms": 1e3 * decode_s / count}
 
 
+class DecodeRecord(grain.transforms.Map):
+  """Source record -> uint8 (S, S), in the loader's worker processes (module level: pickles)."""
+
+  def __init__(self, image_size: int):
+    self.image_size = image_size
+
+  def map(self, element):
+    return decode.decode_image(element, self.image_size)
+
+
 def loader_rate(source, image_size: int, workers: int, seconds: float, batch_size: int) -> dict:
   """Batches/s of a grain DataLoader with `workers` processes, after a warm-up batch each."""
-  import grain  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    # grain's worker processes read its absl flags; outside absl.app nobody parsed them.
+    flags.FLAGS.mark_as_parsed()
   sampler = grain.samplers.IndexSampler(
       len(source), shard_options=grain.sharding.NoSharding(), shuffle=True, num_epochs=None,
       seed=0)

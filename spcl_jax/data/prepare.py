@@ -187,7 +187,9 @@ def prepare(args: argparse.Namespace) -> dict:
   metadata = module.read_manifest(src, check_files=False)
   splits = make_splits(module, metadata, args.views)
   manifest = module.read_manifest(src, check_files=True)
-  selected = select_views(manifest.entries, args.views, manifest.problems)
+  # Records in name order: the same record indices for every copy of the metadata.
+  selected = sorted(select_views(manifest.entries, args.views, manifest.problems),
+                    key=lambda entry: entry.name)
   out.mkdir(parents=True, exist_ok=True)
   digests = splits_lib.write_split_files(out / "splits", splits)
   written = build_records(module, args, src, out, selected, manifest.problems)
