@@ -12,9 +12,11 @@ The last line printed is a JSON object with every number, for scripts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import pathlib
+import signal
 import time
 
 import grain
@@ -55,6 +57,25 @@ class DecodeRecord(grain.transforms.Map):
     return decode.decode_image(element, self.image_size)
 
 
+_STALL_SECONDS = 300
+
+
+@contextlib.contextmanager
+def _watchdog(seconds: int):
+  """Fails loudly instead of waiting forever if the loader's workers stop answering."""
+  def on_alarm(signum, frame):
+    del signum, frame
+    raise TimeoutError(f"the grain DataLoader gave no batch for {seconds} s: its workers are "
+                       "stuck or dead (see their errors above)")
+  previous = signal.signal(signal.SIGALRM, on_alarm)
+  signal.alarm(seconds)
+  try:
+    yield
+  finally:
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
 def loader_rate(source, image_size: int, workers: int, seconds: float, batch_size: int) -> dict:
   """Batches/s of a grain DataLoader with `workers` processes, after a warm-up batch each."""
   from absl import flags  # pylint: disable=g-import-not-at-top
@@ -69,14 +90,15 @@ def loader_rate(source, image_size: int, workers: int, seconds: float, batch_siz
       operations=[DecodeRecord(image_size), grain.transforms.Batch(batch_size,
                                                                     drop_remainder=True)])
   iterator = iter(loader)
-  for _ in range(max(1, workers)):  # Worker start-up is not throughput.
-    next(iterator)
-  count = 0
-  start = time.perf_counter()
-  while time.perf_counter() - start < seconds:
-    batch = next(iterator)
-    count += batch.shape[0]
-  elapsed = time.perf_counter() - start
+  with _watchdog(_STALL_SECONDS):
+    for _ in range(max(1, workers)):  # Worker start-up is not throughput.
+      next(iterator)
+    count = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+      batch = next(iterator)
+      count += batch.shape[0]
+    elapsed = time.perf_counter() - start
   return {"images_per_s": count / elapsed, "images": count, "workers": workers,
           "images_per_s_per_worker": count / elapsed / max(1, workers)}
 

@@ -103,10 +103,12 @@ def finished_report(out: pathlib.Path, settings: dict) -> dict | None:
   return report
 
 
-def _remove_incomplete(tfds_dir: pathlib.Path) -> None:
-  # An interrupted TFDS build leaves NAME/VERSION.incomplete* folders; nothing in them is reused.
-  for stale in tfds_dir.glob("*/*.incomplete*"):
-    shutil.rmtree(stale, ignore_errors=True)
+def _remove_unfinished(records_dir: pathlib.Path) -> None:
+  # Without a complete report.json nothing under tfds/ is trusted: an interrupted TFDS build
+  # leaves VERSION.incomplete* folders, and records whose index was never written cannot be
+  # mapped to names. TFDS cannot resume a split, so the image pass starts over.
+  if records_dir.exists():
+    shutil.rmtree(records_dir)
 
 
 def build_records(module, args, src, out, entries, problems) -> list[mf.Entry]:
@@ -129,7 +131,7 @@ def build_records(module, args, src, out, entries, problems) -> list[mf.Entry]:
     bar.update(1)
 
   tfds_dir = out / "tfds"
-  _remove_incomplete(tfds_dir)
+  _remove_unfinished(tfds_dir / records.builder_name(module.NAME))
   settings = records.EncodeSettings(args.image_size, args.encoding,
                                     resize_filter=args.resize_filter)
   builder = records.make_builder(module, data_dir=tfds_dir, src=src, entries=entries,
