@@ -1,15 +1,13 @@
 """End to end: raw download fixture -> prepare CLI -> report, splits, records -> readers."""
 
-import io
 import json
 import random
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import data_fixtures as fx
-from spcl_jax.data import decode, prepare, rle, sources, splits
+from spcl_jax.data import decode, prepare, sources, splits
 from spcl_jax.data.prepared import LabelledSource, PreparedSource
 
 SIZE = 32

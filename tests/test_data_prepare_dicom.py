@@ -1,6 +1,5 @@
 """RSNA and SIIM end to end: DICOM images (MONOCHROME1, compressed) and SIIM masks."""
 
-import io
 import json
 
 import numpy as np

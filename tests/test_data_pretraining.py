@@ -58,6 +58,11 @@ def test_prepared_argument_defaults():
       "/data/m", {"split": "train", "views": "frontal", "fraction": "10"})
 
 
+def test_unknown_split_lists_the_known_ones(mimic_all_views):
+  with pytest.raises(ValueError, match="no split 'train'; it has all"):
+    sources.open_source(f"prepared:{mimic_all_views},split=train")
+
+
 def test_not_a_prepared_folder_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match="not a prepared folder"):
     sources.open_source(f"prepared:{tmp_path}")

@@ -127,6 +127,9 @@ class PreparedFolder:
     split_dir = self.out_dir / "splits"
     splits_lib.verify_split_files(split_dir)
     stem = split_file_stem(split, fraction)
+    if not (split_dir / f"{stem}.txt").is_file():
+      known = sorted(p.stem for p in split_dir.glob("*.txt"))
+      raise ValueError(f"{str(self.out_dir)!r} has no split {stem!r}; it has {', '.join(known)}")
     wanted = set(splits_lib.read_split_file(split_dir / f"{stem}.txt"))
     indices = [i for i, name in enumerate(self.names)
                if name in wanted and (views == "all" or self.views[i] in mf.FRONTAL_VIEWS)]

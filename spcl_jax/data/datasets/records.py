@@ -95,7 +95,8 @@ def init_worker(src: str, image_format: str, settings: EncodeSettings) -> None:
 def process_entry(task: tuple[int, str, str, tuple[str, ...]]
                   ) -> tuple[int, dict | None, str, str]:
   """(key, path, name, mask rles) -> (key, {"image": bytes[, "mask": bytes]}, "", "")
-  or (key, None, problem kind, detail). Never raises: one bad file must not stop the run."""
+  or (key, None, problem kind, detail). Bad input never raises: one bad file must not stop
+  the run (only a mask on a non-DICOM dataset, a programming error, does)."""
   key, path, name, mask_rles = task
   settings: EncodeSettings = _WORKER["settings"]
   full_path = _WORKER["src"] / path
