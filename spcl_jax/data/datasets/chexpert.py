@@ -1,0 +1,125 @@
+"""CheXpert v1.0 (Stanford AIMI): 14 observations with uncertain labels.
+
+Download: https://stanfordmlgroup.github.io/competitions/chexpert/ (CheXpert-v1.0-small, 11 GB,
+or the full CheXpert-v1.0). Layout under --src: the folder holding train.csv and valid.csv (or
+its parent), with train/patientNNNNN/studyN/viewN_*.jpg and valid/... beside the CSVs.
+Quirks (METHOD §7):
+- `Path` starts with "CheXpert-v1.0-small/" or "CheXpert-v1.0/" by download; it is stripped so
+  that both downloads give the same names and split files.
+- No patient column: the patient is the patientNNNNN part of the path.
+- train.csv and valid.csv are pooled before the 7:2:1 split; frontal views only.
+- Label cells: 1 positive, 0 negative, -1 uncertain, blank = not mentioned (-> 0 as a target).
+  The uncertainty policy is a reader option (`targets`), so one preparation serves every policy.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+import numpy as np
+
+from spcl_jax.data.datasets import manifest as mf
+
+NAME = "chexpert"
+LABELS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity",
+          "Lung Lesion", "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax",
+          "Pleural Effusion", "Pleural Other", "Fracture", "Support Devices")
+# The 5 competition labels in the paper's order: what fine-tuning predicts.
+TASK_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
+UNCERTAINTY_POLICIES = ("ones", "zeros", "medical_mae")
+_MEDICAL_MAE_ONES = ("Atelectasis", "Edema")  # Medical MAE's U-Ones labels; the rest U-Zeros.
+IMAGE_FORMAT = "file"
+DOWNSTREAM = True
+CSV_FILES = ("train.csv", "valid.csv")
+_COLUMNS = ("Path", "Frontal/Lateral", "AP/PA") + LABELS
+_PATH_PREFIX = re.compile(r"^CheXpert-v1\.0[^/]*/")
+_PATIENT = re.compile(r"(?:^|/)(patient\d+)/")
+_CODES = {"1": mf.POSITIVE, "1.0": mf.POSITIVE, "0": mf.NEGATIVE, "0.0": mf.NEGATIVE,
+          "-1": mf.UNCERTAIN, "-1.0": mf.UNCERTAIN, "": mf.BLANK}
+
+
+def canonical_name(path: str) -> str:
+  """'CheXpert-v1.0-small/train/patient1/study1/view1_frontal.jpg' -> 'train/patient1/...'."""
+  return _PATH_PREFIX.sub("", path.strip().lstrip("/"))
+
+
+def _view(row: dict) -> str:
+  frontal_lateral = row["Frontal/Lateral"].strip().lower()
+  if frontal_lateral == "frontal":
+    position = row["AP/PA"].strip().upper()
+    return position if position in ("AP", "PA") else "FRONTAL"
+  return frontal_lateral.upper()  # "LATERAL", or "" when blank.
+
+
+def _labels(row: dict) -> tuple[tuple[int, ...] | None, str]:
+  codes = []
+  for label in LABELS:
+    code = _CODES.get(row[label])
+    if code is None:
+      return None, f"{label!r} has value {row[label]!r} (expected 1, 0, -1 or blank)"
+    codes.append(code)
+  return tuple(codes), ""
+
+
+def _root(src: pathlib.Path) -> pathlib.Path:
+  train_csv = mf.find_first(src, ("train.csv", "*/train.csv"), "CheXpert train.csv")
+  return train_csv.parent
+
+
+def read_manifest(src, *, check_files: bool = True) -> mf.Manifest:
+  src = pathlib.Path(src)
+  root = _root(src)
+  prefix = root.relative_to(src).as_posix()
+  problems = mf.Problems()
+  entries: dict[str, mf.Entry] = {}
+  for csv_name in CSV_FILES:
+    csv_path = root / csv_name
+    if not csv_path.is_file():
+      raise FileNotFoundError(f"CheXpert {csv_name} not found at {str(csv_path)!r}: the paper "
+                              "pools train.csv and valid.csv, both are needed")
+    for line, row in mf.read_csv_rows(csv_path, _COLUMNS):
+      name = canonical_name(row["Path"])
+      where = f"{csv_name} line {line}"
+      patient = _PATIENT.search(name)
+      if not name or patient is None:
+        problems.add("bad_row", name or where, f"{where}: no patientNNNNN in Path {row['Path']!r}")
+        continue
+      labels, why = _labels(row)
+      if labels is None:
+        problems.add("unknown_label", name, f"{where}: {why}; image excluded")
+        continue
+      path = name if prefix == "." else f"{prefix}/{name}"
+      entry = mf.Entry(name=name, path=path, patient=patient.group(1), view=_view(row),
+                       labels=labels)
+      if name in entries:
+        same = entries[name] == entry
+        problems.add("duplicate_row" if same else "conflicting_rows", name,
+                     f"{where}: repeats {name}" + ("" if same else "; first row kept"))
+        continue
+      entries[name] = entry
+  kept = list(entries.values())
+  if check_files:
+    scanned = [f"{prefix}/{d}" if prefix != "." else d for d in ("train", "valid")]
+    present = set()
+    for directory in scanned:
+      present |= {f"{directory}/{rel}" for rel in mf.files_on_disk(src / directory, (".jpg",))}
+    kept = mf.check_listed_files(src, kept, problems, present, scanned)
+  return mf.Manifest(NAME, kept, problems, LABELS)
+
+
+def targets(codes, policy: str = "ones") -> np.ndarray:
+  """Raw codes (N, 14) -> float32 (N, 5) targets for TASK_LABELS.
+
+  Blank (not mentioned) -> 0. Uncertain -> 1 under "ones", 0 under "zeros", and under
+  "medical_mae" 1 for Atelectasis and Edema, 0 for the rest.
+  """
+  if policy not in UNCERTAINTY_POLICIES:
+    raise ValueError(f"CheXpert uncertainty policy {policy!r} is not one of "
+                     f"{', '.join(UNCERTAINTY_POLICIES)}")
+  codes = np.asarray(codes)[:, [LABELS.index(label) for label in TASK_LABELS]]
+  uncertain_value = np.array([
+      1.0 if policy == "ones" or (policy == "medical_mae" and label in _MEDICAL_MAE_ONES) else 0.0
+      for label in TASK_LABELS], dtype=np.float32)
+  out = (codes == mf.POSITIVE).astype(np.float32)
+  return np.where(codes == mf.UNCERTAIN, uncertain_value[None, :], out).astype(np.float32)

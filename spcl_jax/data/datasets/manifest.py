@@ -1,0 +1,154 @@
+"""What every dataset's `read_manifest` returns: one Entry per image, plus the problems found.
+
+Problems are never raised: bad rows and files are counted and listed (OUT/report.json) so that a
+million-row CSV with a few bad lines still prepares, and nothing is silently dropped or
+mislabelled. Raised errors are kept for what makes the whole dataset unusable (no metadata file,
+a CSV without the expected columns).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gzip
+import io
+import pathlib
+from collections.abc import Iterable, Iterator, Sequence
+
+# Raw label codes, stored as they are so that the uncertainty policy stays a reader option.
+POSITIVE, NEGATIVE, UNCERTAIN, BLANK = 1, 0, -1, -2
+FRONTAL_VIEWS = frozenset({"PA", "AP", "FRONTAL"})
+
+# Problem kinds (keys of report.json "problems"), with what each one means.
+PROBLEM_KINDS = {
+    "missing_file": "listed in the metadata but not on disk (skipped)",
+    "unlisted_file": "image on disk that no metadata row lists (ignored)",
+    "duplicate_row": "a row repeating an earlier row for the same image (the repeat is ignored)",
+    "conflicting_rows": "rows for one image that disagree (resolution given in detail)",
+    "unknown_label": "a label value outside the dataset's vocabulary (image excluded)",
+    "bad_row": "a row with a missing or malformed field (image excluded)",
+    "blank_view": "no view position in the metadata (excluded where frontal views are asked)",
+    "non_frontal": "a lateral or other non-frontal view (excluded where frontal views are asked)",
+    "undecodable": "file unreadable, truncated or not a valid image (skipped)",
+    "bad_mask": "mask runs that do not fit the image (image skipped)",
+    "not_in_metadata": "name in an official list file that the metadata does not have",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One image. `name` is its download-independent id: split files list names."""
+  name: str
+  path: str  # The file to read, relative to the raw download folder.
+  patient: str
+  view: str  # "PA", "AP", "FRONTAL" (frontal, position unknown), "LATERAL", ... or "" unknown.
+  labels: tuple[int, ...] = ()  # Raw codes in the dataset's LABELS order.
+  mask_rles: tuple[str, ...] = ()  # SIIM: every RLE row of the image ("-1" = empty).
+  boxes: tuple[tuple[float, float, float, float], ...] = ()  # RSNA: (x, y, width, height).
+
+  @property
+  def is_frontal(self) -> bool:
+    return self.view in FRONTAL_VIEWS
+
+
+class Problems:
+  """Problem kind -> list of {"name", "detail"} items, in the order they were found."""
+
+  def __init__(self):
+    self.items: dict[str, list[dict[str, str]]] = {}
+
+  def add(self, kind: str, name: str, detail: str = "") -> None:
+    if kind not in PROBLEM_KINDS:
+      raise KeyError(f"unknown problem kind {kind!r}")
+    self.items.setdefault(kind, []).append({"name": name, "detail": detail})
+
+  def count(self, kind: str) -> int:
+    return len(self.items.get(kind, ()))
+
+  def names(self, kind: str) -> list[str]:
+    return [item["name"] for item in self.items.get(kind, ())]
+
+  def merge(self, other: "Problems") -> None:
+    for kind, items in other.items.items():
+      self.items.setdefault(kind, []).extend(items)
+
+  def to_json(self) -> dict[str, dict]:
+    return {kind: {"count": len(items), "meaning": PROBLEM_KINDS[kind], "items": items}
+            for kind, items in sorted(self.items.items())}
+
+  def __repr__(self) -> str:
+    return f"Problems({ {k: len(v) for k, v in self.items.items()} })"
+
+
+@dataclasses.dataclass
+class Manifest:
+  dataset: str
+  entries: list[Entry]
+  problems: Problems
+  label_names: tuple[str, ...] = ()
+  # Extra split files that the download itself defines (NIH's official lists): stem -> names.
+  official_splits: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+  def by_name(self) -> dict[str, Entry]:
+    return {entry.name: entry for entry in self.entries}
+
+
+def find_first(src: pathlib.Path, patterns: Sequence[str], what: str) -> pathlib.Path:
+  """The first file matching a glob pattern (tried in order) or a FileNotFoundError naming them."""
+  for pattern in patterns:
+    matches = sorted(src.glob(pattern))
+    if matches:
+      return matches[0]
+  raise FileNotFoundError(f"{what}: none of {', '.join(patterns)} found under {str(src)!r}")
+
+
+def read_csv_rows(path: pathlib.Path, required: Iterable[str]) -> Iterator[tuple[int, dict]]:
+  """(line number, row) for a .csv or .csv.gz; header names are stripped of spaces.
+
+  Stripping matters: SIIM's header is "ImageId, EncodedPixels" with a leading space.
+  """
+  opener = gzip.open if path.suffix == ".gz" else open
+  with opener(path, "rb") as raw:
+    text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+    reader = csv.reader(text)
+    try:
+      header = [column.strip() for column in next(reader)]
+    except StopIteration:
+      raise ValueError(f"{str(path)!r} is empty: expected a CSV header") from None
+    missing = [column for column in required if column not in header]
+    if missing:
+      raise ValueError(f"{str(path)!r}: missing column(s) {missing}; header is {header}")
+    for row in reader:
+      if not any(cell.strip() for cell in row):
+        continue
+      yield reader.line_num, {column: (row[i].strip() if i < len(row) else "")
+                              for i, column in enumerate(header)}
+
+
+def files_on_disk(root: pathlib.Path, suffixes: Sequence[str]) -> dict[str, pathlib.Path]:
+  """Relative posix path -> path for every file under root with one of the suffixes."""
+  suffixes = tuple(s.lower() for s in suffixes)
+  if not root.is_dir():
+    return {}
+  return {p.relative_to(root).as_posix(): p for p in root.rglob("*")
+          if p.suffix.lower() in suffixes and p.is_file()}
+
+
+def check_listed_files(src: pathlib.Path, entries: list[Entry], problems: Problems,
+                       present: set[str], scanned_dirs: Sequence[str]) -> list[Entry]:
+  """Keeps entries whose file is present; reports missing ones and files nobody lists.
+
+  `present` holds paths relative to src; only files under `scanned_dirs` count as unlisted
+  (a download folder also holds test images and other files that are not this dataset's).
+  """
+  kept = []
+  for entry in entries:
+    if entry.path in present:
+      kept.append(entry)
+    else:
+      problems.add("missing_file", entry.name, f"{str(src / entry.path)!r} does not exist")
+  listed = {entry.path for entry in entries}
+  for path in sorted(present - listed):
+    if any(path.startswith(d.rstrip("/") + "/") for d in scanned_dirs):
+      problems.add("unlisted_file", path, "no metadata row names this file")
+  return kept

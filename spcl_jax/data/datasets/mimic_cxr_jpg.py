@@ -1,0 +1,67 @@
+"""MIMIC-CXR-JPG v2 (PhysioNet, credentialed): the pre-training set. No labels are used.
+
+Download: https://physionet.org/content/mimic-cxr-jpg/ (v2.0.0 or v2.1.0; credentialed access).
+Layout under --src (the version folder, e.g. physionet.org/files/mimic-cxr-jpg/2.0.0/):
+  mimic-cxr-2.0.0-metadata.csv.gz      (or the unzipped .csv)
+  files/pXX/pXXXXXXXX/sXXXXXXXX/<dicom_id>.jpg
+Quirks: `ViewPosition` is blank for some images (kept in the manifest with view "", excluded and
+counted as blank_view when frontal views are asked); frontal means exactly PA or AP.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from spcl_jax.data.datasets import manifest as mf
+
+NAME = "mimic_cxr_jpg"
+LABELS: tuple[str, ...] = ()
+TASK_LABELS: tuple[str, ...] = ()
+IMAGE_FORMAT = "file"
+DOWNSTREAM = False  # Pre-training only: no 7:2:1 split, only all.txt.
+METADATA_PATTERNS = ("mimic-cxr-2.0.0-metadata.csv.gz", "mimic-cxr-2.0.0-metadata.csv")
+IMAGE_DIR = "files"
+_COLUMNS = ("dicom_id", "subject_id", "study_id", "ViewPosition")
+
+
+def image_path(subject_id: str, study_id: str, dicom_id: str) -> str:
+  return f"{IMAGE_DIR}/p{subject_id[:2]}/p{subject_id}/s{study_id}/{dicom_id}.jpg"
+
+
+def _row_error(row: dict) -> str:
+  if not row["dicom_id"]:
+    return "empty dicom_id"
+  for column in ("subject_id", "study_id"):
+    if not row[column].isdigit():
+      return f"{column} {row[column]!r} is not a number"
+  return ""
+
+
+def read_manifest(src, *, check_files: bool = True) -> mf.Manifest:
+  src = pathlib.Path(src)
+  metadata = mf.find_first(src, METADATA_PATTERNS, "MIMIC-CXR-JPG metadata")
+  problems = mf.Problems()
+  entries: dict[str, mf.Entry] = {}
+  for line, row in mf.read_csv_rows(metadata, _COLUMNS):
+    error = _row_error(row)
+    if error:
+      problems.add("bad_row", row["dicom_id"] or f"{metadata.name}:{line}",
+                   f"{metadata.name} line {line}: {error}")
+      continue
+    path = image_path(row["subject_id"], row["study_id"], row["dicom_id"])
+    entry = mf.Entry(name=path, path=path, patient=row["subject_id"],
+                     view=row["ViewPosition"].upper())
+    previous = entries.get(path)
+    if previous is None:
+      entries[path] = entry
+    elif previous == entry:
+      problems.add("duplicate_row", path, f"{metadata.name} line {line}")
+    else:
+      problems.add("conflicting_rows", path, f"{metadata.name} line {line}: view "
+                   f"{entry.view!r} differs from {previous.view!r}; first row kept")
+  kept = list(entries.values())
+  if check_files:
+    present = set(mf.files_on_disk(src / IMAGE_DIR, (".jpg",)))
+    present = {f"{IMAGE_DIR}/{path}" for path in present}
+    kept = mf.check_listed_files(src, kept, problems, present, [IMAGE_DIR])
+  return mf.Manifest(NAME, kept, problems, LABELS)

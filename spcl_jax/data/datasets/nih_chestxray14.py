@@ -1,0 +1,104 @@
+"""NIH ChestX-ray14: 112,120 frontal PNGs, 14 findings mined from reports (multi-label).
+
+Download: https://nihcc.app.box.com/v/ChestXray-NIHCC (images_001.tar.gz ... images_012.tar.gz,
+Data_Entry_2017_v2020.csv, train_val_list.txt, test_list.txt); the Kaggle mirror
+"nih-chest-xrays/data" has the same files with images in images_001/images/ ... folders.
+Layout under --src: Data_Entry_2017*.csv, the PNGs anywhere below (found by file name), and
+optionally train_val_list.txt / test_list.txt, which become splits/official_*.txt.
+Quirks: `Finding Labels` joins findings with "|"; "No Finding" means all 14 are negative and may
+not appear with a finding (such a row is reported and excluded). Image names are unique ids.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from spcl_jax.data.datasets import manifest as mf
+
+NAME = "nih_chestxray14"
+LABELS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
+          "Pneumonia", "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis",
+          "Pleural_Thickening", "Hernia")
+TASK_LABELS = LABELS
+IMAGE_FORMAT = "file"
+DOWNSTREAM = True
+NO_FINDING = "No Finding"
+METADATA_PATTERNS = ("Data_Entry_2017*.csv", "*/Data_Entry_2017*.csv")
+OFFICIAL_LISTS = {"official_train_val": "train_val_list.txt", "official_test": "test_list.txt"}
+_COLUMNS = ("Image Index", "Finding Labels", "Patient ID", "View Position")
+
+
+def parse_findings(text: str) -> tuple[tuple[int, ...] | None, str, str]:
+  """'A|B' -> (codes in LABELS order, "", ""), or (None, problem kind, why)."""
+  findings = [finding.strip() for finding in text.split("|") if finding.strip()]
+  if not findings:
+    return None, "bad_row", "empty Finding Labels"
+  unknown = [f for f in findings if f not in LABELS and f != NO_FINDING]
+  if unknown:
+    return None, "unknown_label", f"unknown finding(s) {unknown}"
+  if NO_FINDING in findings and len(findings) > 1:
+    return None, "conflicting_rows", f"{NO_FINDING!r} together with findings {findings}"
+  return tuple(mf.POSITIVE if label in findings else mf.NEGATIVE for label in LABELS), "", ""
+
+
+def _patient(text: str) -> str | None:
+  return str(int(text)) if text.isdigit() else None  # "00042" and "42" are one patient.
+
+
+def _read_official_lists(src: pathlib.Path, names: set[str], problems: mf.Problems
+                         ) -> dict[str, list[str]]:
+  lists = {}
+  for stem, file_name in OFFICIAL_LISTS.items():
+    found = sorted(src.glob(file_name)) or sorted(src.glob(f"*/{file_name}"))
+    if not found:
+      continue
+    listed = [line.strip() for line in found[0].read_text().splitlines() if line.strip()]
+    for name in listed:
+      if name not in names:
+        problems.add("not_in_metadata", name, f"listed in {file_name}")
+    lists[stem] = sorted(set(listed) & names)
+  return lists
+
+
+def read_manifest(src, *, check_files: bool = True) -> mf.Manifest:
+  src = pathlib.Path(src)
+  metadata = mf.find_first(src, METADATA_PATTERNS, "ChestX-ray14 Data_Entry_2017 CSV")
+  problems = mf.Problems()
+  on_disk = mf.files_on_disk(src, (".png",)) if check_files else {}
+  path_of_name = {pathlib.PurePosixPath(rel).name: rel for rel in on_disk}
+  entries: dict[str, mf.Entry] = {}
+  for line, row in mf.read_csv_rows(metadata, _COLUMNS):
+    name, where = row["Image Index"], f"{metadata.name} line {line}"
+    patient = _patient(row["Patient ID"])
+    labels, kind, why = parse_findings(row["Finding Labels"])
+    if not name or patient is None:
+      problems.add("bad_row", name or where, f"{where}: bad Image Index or Patient ID "
+                   f"{row['Patient ID']!r}")
+      continue
+    if labels is None:
+      problems.add(kind, name, f"{where}: {why}; image excluded")
+      continue
+    entry = mf.Entry(name=name, path=path_of_name.get(name, f"images/{name}"), patient=patient,
+                     view=row["View Position"].upper(), labels=labels)
+    if name in entries:
+      same = entries[name] == entry
+      problems.add("duplicate_row" if same else "conflicting_rows", name,
+                   f"{where}: repeats {name}" + ("" if same else "; first row kept"))
+      continue
+    entries[name] = entry
+  kept = list(entries.values())
+  if check_files:
+    listed = {entry.path for entry in kept}
+    for rel in sorted(set(on_disk) - listed):
+      if pathlib.PurePosixPath(rel).name not in entries:
+        problems.add("unlisted_file", rel, "no metadata row names this file")
+    kept = mf.check_listed_files(src, kept, problems, set(on_disk), scanned_dirs=[])
+  official = _read_official_lists(src, set(entries), problems)
+  return mf.Manifest(NAME, kept, problems, LABELS, official)
+
+
+def targets(codes, policy: str = "ones"):
+  """Raw codes (N, 14) -> float32 targets; NIH has no uncertain or blank labels."""
+  del policy  # Only CheXpert has uncertain labels.
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return (np.asarray(codes) == mf.POSITIVE).astype(np.float32)

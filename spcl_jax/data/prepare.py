@@ -1,0 +1,225 @@
+"""python -m spcl_jax.data.prepare DATASET --src RAW_DIR --out OUT_DIR [--image-size 512] [--workers N]
+
+Turns one raw download (see docs/datasets.md) into OUT_DIR/:
+  splits/*.txt, splits/SHA256SUMS  image names per split, a function of the metadata alone
+  tfds/spcl_DATASET/1.0.0/         TFDS array_record records (read with `prepared.py`)
+  records.csv                      record index -> name, patient, view, raw label codes
+  report.json                      settings, counts, every problem found, split sha256s
+Bad rows and files never stop the run: they are counted and listed in report.json. A finished
+OUT_DIR is detected and left as it is (no work); a different setting on it is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import sys
+import time
+
+from spcl_jax.data import splits as splits_lib
+from spcl_jax.data.datasets import DATASET_NAMES, dataset_module
+from spcl_jax.data.datasets import manifest as mf
+from spcl_jax.data.datasets import records
+
+REPORT = "report.json"
+RECORDS_INDEX = "records.csv"
+VIEWS = ("frontal", "all")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog="python -m spcl_jax.data.prepare", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("dataset", choices=DATASET_NAMES)
+  parser.add_argument("--src", required=True, help="the raw download folder")
+  parser.add_argument("--out", required=True, help="output folder (one per dataset)")
+  parser.add_argument("--image-size", type=int, default=512)
+  parser.add_argument("--encoding", choices=records.ENCODINGS, default="jpeg",
+                      help="jpeg (quality 95, default: 2x smaller, 3x faster to decode) or png "
+                      "(lossless)")
+  parser.add_argument("--resize-filter", default="bilinear")
+  parser.add_argument("--views", choices=VIEWS, default="frontal",
+                      help="frontal: PA/AP only (default); all: keep laterals (MIMIC "
+                      "pre-training can then choose with prepared:...,views=all)")
+  parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+  return parser.parse_args(argv)
+
+
+def select_views(entries: list[mf.Entry], views: str, problems: mf.Problems | None
+                 ) -> list[mf.Entry]:
+  """Frontal entries (reporting the others) or all entries."""
+  if views == "all":
+    return list(entries)
+  kept = []
+  for entry in entries:
+    if entry.is_frontal:
+      kept.append(entry)
+    elif problems is not None:
+      kind = "blank_view" if not entry.view else "non_frontal"
+      problems.add(kind, entry.name, f"view {entry.view!r}")
+  return kept
+
+
+def make_splits(module, manifest: mf.Manifest, views: str) -> dict[str, list[str]]:
+  """Split files from the metadata alone (no file checks), so every user writes the same ones."""
+  entries = select_views(manifest.entries, views, problems=None)
+  names = sorted(entry.name for entry in entries)
+  splits = {"all": names}
+  if module.DOWNSTREAM:
+    patient_of = {entry.name: entry.patient for entry in entries}
+    splits.update(splits_lib.split_images(patient_of))
+    splits.update(splits_lib.label_fractions(splits["train"]))
+    splits_lib.check_patients_disjoint(
+        {name: splits[name] for name in splits_lib.SPLIT_NAMES}, patient_of)
+    selected = set(names)
+    for stem, official in manifest.official_splits.items():
+      splits[stem] = sorted(set(official) & selected)
+  return splits
+
+
+def _settings_of(args: argparse.Namespace) -> dict:
+  return {"dataset": args.dataset, "views": args.views,
+          **dataclasses.asdict(records.EncodeSettings(args.image_size, args.encoding,
+                                                      resize_filter=args.resize_filter))}
+
+
+def finished_report(out: pathlib.Path, settings: dict) -> dict | None:
+  """The report of a finished preparation with these settings; raises on other settings."""
+  path = out / REPORT
+  if not path.is_file():
+    return None
+  report = json.loads(path.read_text())
+  if not report.get("complete"):
+    return None
+  for key, value in settings.items():
+    if report["settings"].get(key) != value:
+      raise SystemExit(f"error: {str(out)!r} was prepared with {key}="
+                       f"{report['settings'].get(key)!r}, not {value!r}; use another --out "
+                       "or delete it")
+  return report
+
+
+def _remove_unfinished(records_dir: pathlib.Path) -> None:
+  # Without a complete report.json nothing under tfds/ is trusted: an interrupted TFDS build
+  # leaves VERSION.incomplete* folders, and records whose index was never written cannot be
+  # mapped to names. TFDS cannot resume a split, so the image pass starts over.
+  if records_dir.exists():
+    shutil.rmtree(records_dir)
+
+
+def build_records(module, args, src, out, entries, problems) -> list[mf.Entry]:
+  """Writes the records (skipped by TFDS when already complete); returns the written entries."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  tfds.disable_progress_bar()  # Ours shows images/s, ETA and the bad count instead.
+  written = [False] * len(entries)
+  bar = tqdm(total=len(entries), desc=f"{module.NAME} images", unit="img", mininterval=1.0,
+             smoothing=0.05, dynamic_ncols=True)
+  bad = [0]
+
+  def on_result(key: int, kind: str, detail: str) -> None:
+    if kind:
+      problems.add(kind, entries[key].name, detail)
+      bad[0] += 1
+      bar.set_postfix(bad=bad[0], refresh=False)
+    else:
+      written[key] = True
+    bar.update(1)
+
+  tfds_dir = out / "tfds"
+  _remove_unfinished(tfds_dir / records.builder_name(module.NAME))
+  settings = records.EncodeSettings(args.image_size, args.encoding,
+                                    resize_filter=args.resize_filter)
+  builder = records.make_builder(module, data_dir=tfds_dir, src=src, entries=entries,
+                                 settings=settings, workers=args.workers, on_result=on_result)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=str(src), compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  bar.close()
+  return [entry for entry, ok in zip(entries, written) if ok]
+
+
+def write_records_index(path: pathlib.Path, entries: list[mf.Entry]) -> None:
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    writer = csv.writer(f)
+    writer.writerow(["index", "name", "patient", "view", "labels"])
+    for index, entry in enumerate(entries):
+      writer.writerow([index, entry.name, entry.patient, entry.view,
+                       " ".join(str(code) for code in entry.labels)])
+
+
+def split_summary(splits, digests, patient_of, recorded: set[str]) -> dict:
+  return {f"{stem}.txt": {
+      "images": len(names),
+      "patients": len({patient_of[name] for name in names}),
+      "without_record": sum(name not in recorded for name in names),
+      "sha256": digests[f"{stem}.txt"]} for stem, names in splits.items()}
+
+
+def print_summary(report: dict, out: pathlib.Path) -> None:
+  counts = report["counts"]
+  print(f"{report['settings']['dataset']}: {counts['records']} images written to {out} "
+        f"({counts['metadata_images']} in the metadata, {counts['selected']} with a file and "
+        f"the asked views) "
+        f"in {report['elapsed_s']:.0f} s")
+  for kind, problem in report["problems"].items():
+    examples = ", ".join(item["name"] for item in problem["items"][:3])
+    print(f"  {kind}: {problem['count']} ({problem['meaning']}), e.g. {examples}")
+  for name, split in report["splits"].items():
+    print(f"  splits/{name}: {split['images']} images, {split['patients']} patients, "
+          f"{split['without_record']} without record, sha256 {split['sha256']}")
+  print(f"details: {out / REPORT}")
+
+
+def prepare(args: argparse.Namespace) -> dict:
+  out = pathlib.Path(args.out).expanduser()
+  src = pathlib.Path(args.src).expanduser()
+  settings = _settings_of(args)
+  report = finished_report(out, settings)
+  if report is not None:
+    print(f"{str(out)!r} is already prepared with these settings: nothing to do.")
+    return report
+  if not src.is_dir():
+    raise SystemExit(f"error: --src {str(src)!r} is not a folder")
+  start = time.time()
+  module = dataset_module(args.dataset)
+  metadata = module.read_manifest(src, check_files=False)
+  splits = make_splits(module, metadata, args.views)
+  manifest = module.read_manifest(src, check_files=True)
+  # Records in name order: the same record indices for every copy of the metadata.
+  selected = sorted(select_views(manifest.entries, args.views, manifest.problems),
+                    key=lambda entry: entry.name)
+  out.mkdir(parents=True, exist_ok=True)
+  digests = splits_lib.write_split_files(out / "splits", splits)
+  written = build_records(module, args, src, out, selected, manifest.problems)
+  write_records_index(out / RECORDS_INDEX, written)
+  patient_of = {entry.name: entry.patient
+                for entry in select_views(metadata.entries, args.views, None)}
+  report = {
+      "complete": True,
+      "settings": settings,
+      "src": str(src.resolve()),
+      "counts": {"metadata_images": len(metadata.entries), "selected": len(selected),
+                 "records": len(written)},
+      "splits": split_summary(splits, digests, patient_of, {e.name for e in written}),
+      "problems": manifest.problems.to_json(),
+      "elapsed_s": round(time.time() - start, 1),
+  }
+  (out / REPORT).write_text(json.dumps(report, indent=1))
+  return report
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  if args.workers < 1:
+    raise SystemExit("error: --workers must be >= 1")
+  report = prepare(args)
+  print_summary(report, pathlib.Path(args.out).expanduser())
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
