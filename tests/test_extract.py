@@ -85,7 +85,7 @@ def test_data_goes_through_open_source_with_the_split(run, monkeypatch, tmp_path
   code = extract.main(["--workdir", str(run["workdir"]), "--data", "/data/nih", "--split", "val",
                        "--out", str(out), "--no-progress"])
   assert code == 0
-  assert opened == ["/data/nih?split=val"]
+  assert opened == ["/data/nih,split=val"]
   with np.load(out) as feats:
     assert list(feats["names"]) == SAMPLE_NAMES
 
