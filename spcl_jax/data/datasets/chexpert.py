@@ -92,12 +92,7 @@ def read_manifest(src, *, check_files: bool = True) -> mf.Manifest:
       path = name if prefix == "." else f"{prefix}/{name}"
       entry = mf.Entry(name=name, path=path, patient=patient.group(1), view=_view(row),
                        labels=labels)
-      if name in entries:
-        same = entries[name] == entry
-        problems.add("duplicate_row" if same else "conflicting_rows", name,
-                     f"{where}: repeats {name}" + ("" if same else "; first row kept"))
-        continue
-      entries[name] = entry
+      mf.keep_first_entry(entries, entry, problems, where)
   kept = list(entries.values())
   if check_files:
     scanned = [f"{prefix}/{d}" if prefix != "." else d for d in ("train", "valid")]

@@ -80,6 +80,18 @@ class Problems:
     return f"Problems({ {k: len(v) for k, v in self.items.items()} })"
 
 
+def keep_first_entry(entries: dict[str, Entry], entry: Entry, problems: Problems,
+                     where: str) -> None:
+  """Adds `entry` unless its image is already listed: a repeat is a duplicate_row, a repeat with
+  other values a conflicting_rows problem; either way the first row stays."""
+  if entry.name not in entries:
+    entries[entry.name] = entry
+    return
+  same = entries[entry.name] == entry
+  problems.add("duplicate_row" if same else "conflicting_rows", entry.name,
+               f"{where}: repeats {entry.name}" + ("" if same else "; first row kept"))
+
+
 @dataclasses.dataclass
 class Manifest:
   dataset: str

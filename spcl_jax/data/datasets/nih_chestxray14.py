@@ -80,12 +80,7 @@ def read_manifest(src, *, check_files: bool = True) -> mf.Manifest:
       continue
     entry = mf.Entry(name=name, path=path_of_name.get(name, f"images/{name}"), patient=patient,
                      view=row["View Position"].upper(), labels=labels)
-    if name in entries:
-      same = entries[name] == entry
-      problems.add("duplicate_row" if same else "conflicting_rows", name,
-                   f"{where}: repeats {name}" + ("" if same else "; first row kept"))
-      continue
-    entries[name] = entry
+    mf.keep_first_entry(entries, entry, problems, where)
   kept = list(entries.values())
   if check_files:
     listed = {entry.path for entry in kept}
