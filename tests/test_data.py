@@ -118,8 +118,11 @@ def test_worker_processes_give_the_same_stream():
   config = small_config(num_workers=2)
   with_workers = iter(pipeline.train_dataset(config))
   in_process = iter(pipeline.train_dataset(small_config()))
-  for _ in range(5):
-    np.testing.assert_array_equal(next(with_workers), next(in_process))
+  try:
+    for _ in range(5):
+      np.testing.assert_array_equal(next(with_workers), next(in_process))
+  finally:
+    with_workers.close()  # stop the worker processes now, not at garbage collection
 
 
 def test_eval_set_needs_one_batch_of_distinct_images():
