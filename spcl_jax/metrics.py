@@ -80,7 +80,8 @@ class MetricsWriter:
     self.enabled = enabled
     self.total_steps = total_steps
     self._start_time = time.time()
-    self._start_step: int | None = None
+    self._start_step = 0
+    self._progress_calls = 0
     self._jsonl = None
     self._tb = None
     if enabled:
@@ -105,7 +106,9 @@ class MetricsWriter:
     if not self.enabled:
       return
     now = time.time()
-    if self._start_step is None:
+    self._progress_calls += 1
+    if self._progress_calls <= 2:
+      # The ETA clock starts at the second line: the first interval includes compilation.
       self._start_step, self._start_time = step, now
     done = step - self._start_step
     rate = done / (now - self._start_time) if done > 0 else 0.0

@@ -162,6 +162,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   else:
     state = steps.create_train_state(model, tx, mesh, config, keys["init"], shardings)
   start_step = int(jax.device_get(state.step))
+  if start_step >= config.total_steps and is_main:
+    print(f"nothing to do: the run in {workdir} is at step {start_step} and "
+          f"config.total_steps={config.total_steps}; raise it to train further", flush=True)
 
   train_step = steps.make_train_step(model, tx, mesh, config, shardings, schedule)
   eval_step = steps.make_eval_step(model, mesh, config, shardings.params)
