@@ -94,9 +94,9 @@ def test_scale_is_clamped_with_zero_gradient_above_the_cap():
 
 def test_retrieval_counts_rows_whose_best_other_is_the_partner():
   z1 = jnp.array([[1.0, 0.0], [0.0, 1.0]])
-  z2 = jnp.array([[1.0, 0.1], [1.0, 0.0]])  # row 3 (z2[1]) matches z1[0] best: a miss
-  # rows: z1[0]->z2[1]? cos(z1[0], z2[0]) < cos(z1[0], z2[1]) = 1, so z1[0] misses too.
-  got = float(losses.pair_retrieval_top1(z1, z2, kappa=0.0 + 1e-3))
+  # z2[1] is z1[0] itself, so z1[0] and z2[1] find each other instead of their partners.
+  z2 = jnp.array([[1.0, 0.1], [1.0, 0.0]])
+  got = float(losses.pair_retrieval_top1(z1, z2, kappa=1e-3))
   z = np.concatenate([np.asarray(z1), np.asarray(z2)])
   z = z / np.linalg.norm(z, axis=1, keepdims=True)
   sims = z @ z.T

@@ -85,15 +85,22 @@ def test_patchify_matches_a_stride_p_convolution():
 
 
 def test_layer_norm_and_gelu_match_pytorch_conventions():
-  model = vit.build_encoder(tiny_model_config())
-  block = model.bind(init(model))
-  # exact erf GELU: Flax's default tanh form differs by ~1e-3 at x = 1
-  x = jnp.linspace(-3, 3, 7)
-  np.testing.assert_allclose(nn.gelu(x, approximate=False),
-                             0.5 * x * (1 + jax.scipy.special.erf(x / np.sqrt(2))), atol=1e-6)
-  del block
+  # The MLP's GELU is the exact erf form (Flax's default tanh form is off by ~1e-3): an MLP
+  # block with identity-like weights must reproduce erf-GELU, not the tanh approximation.
+  mlp = vit.MlpBlock(mlp_dim=4)
+  x = jnp.linspace(-3, 3, 4)[None, :]
+  params = {"Dense_0": {"kernel": jnp.eye(4), "bias": jnp.zeros(4)},
+            "Dense_1": {"kernel": jnp.eye(4), "bias": jnp.zeros(4)}}
+  exact = 0.5 * x * (1 + jax.scipy.special.erf(x / np.sqrt(2)))
+  np.testing.assert_allclose(mlp.apply({"params": params}, x), exact, atol=1e-6)
+  assert float(jnp.max(jnp.abs(nn.gelu(x) - exact))) > 1e-4  # the tanh form would fail above
+  # LayerNorm: eps 1e-6 and the two-pass variance, checked on values where they matter.
   ln = vit._layer_norm("ln", jnp.float32)  # pylint: disable=protected-access
   assert ln.epsilon == 1e-6 and ln.use_fast_variance is False
+  y = jnp.array([[1e4 + 1e-3, 1e4 - 1e-3, 1e4, 1e4]])
+  out = ln.apply(ln.init(jax.random.key(0), y), y)
+  ref = (y - y.mean()) / np.sqrt(np.var(np.asarray(y, np.float64)) + 1e-6)
+  np.testing.assert_allclose(out, ref, atol=2e-3)
 
 
 def test_only_visible_patches_are_encoded_and_order_is_irrelevant_to_cls():
