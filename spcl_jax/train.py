@@ -22,6 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 from clu import metrics as clu_metrics
+from jax.experimental import multihost_utils
 
 from spcl_jax import checkpoint, metrics, optimizer, run_info, sharding, steps
 from spcl_jax.configuration import validate_config
@@ -44,11 +45,26 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class _StopRequest:
-  """SIGTERM (preemption, scancel, kill) asks the loop to checkpoint and return cleanly."""
+  """SIGTERM (preemption, scancel, kill) asks the loop to checkpoint and return cleanly.
 
-  def __init__(self):
+  With several processes, all must stop at the same step (the checkpoint is a collective), but
+  a signal may reach only some of them: they agree with an all-gather of the flag every
+  `agree_every` steps, so one signalled process stops the job within that many steps.
+  """
+
+  def __init__(self, agree_every: int = 1):
     self.requested = False
+    self.agree_every = agree_every
     self._previous = None
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    if step % self.agree_every:
+      return False
+    flags = multihost_utils.process_allgather(np.int32(self.requested))
+    self.requested = bool(np.any(flags))
+    return self.requested
 
   def __enter__(self):
     def handler(signum, frame):
@@ -197,7 +213,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if start_step == 0:
       run_eval(0)
     pending: tuple[int, dict[str, jax.Array]] | None = None
-    with _StopRequest() as stop:
+    with _StopRequest(agree_every=config.log_every_steps) as stop:
       for step in range(start_step + 1, config.total_steps + 1):
         images = steps.global_batch(pipeline.as_numpy_batch(next(train_iter)), mesh, config)
         step_key = jax.random.fold_in(keys["train"], step - 1)
@@ -206,13 +222,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           record_train(*pending)
         pending = (step, step_metrics)
         is_last = step == config.total_steps
-        if step % config.checkpoint_every_steps == 0 or is_last or stop.requested:
+        stopping = stop.should_stop(step)
+        if step % config.checkpoint_every_steps == 0 or is_last or stopping:
           record_train(*pending)  # never checkpoint a state whose loss was not checked
           pending = None
           save(step)
         if step % config.eval_every_steps == 0 or is_last:
           run_eval(step)
-        if stop.requested:
+        if stopping:
           print(f"stopped at step {step}; checkpoint saved, rerun the same command to resume",
                 flush=True)
           break

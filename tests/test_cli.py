@@ -92,3 +92,34 @@ def test_two_processes_of_four_devices_log_the_losses_of_one_process_of_eight(tm
   data_state = checkpoint.checkpoint_dir(tmp_path / "multi") / "4" / "data"
   assert sorted(p.name for p in data_state.glob("process_*")) == [
       "process_0-of-2.json", "process_1-of-2.json"]
+
+
+def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
+  """Preemption may signal one host only: the processes agree (every log step) and all save."""
+  workdir = tmp_path / "multi"
+  env = {**os.environ, "PORT": str(24000 + os.getpid() % 1000), "DEVICES_PER_PROCESS": "4",
+         "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}",
+         "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  launcher = subprocess.Popen(
+      ["bash", "launch/local_multiprocess.sh", "2", f"--workdir={workdir}",
+       "--config=configs/demo.py", "--config.model.image_size=64",
+       "--config.total_steps=100000", "--config.log_every_steps=2"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and launcher.poll() is None:
+    if metrics.is_file() and sum("loss" in line for line in metrics.read_text().splitlines()) >= 3:
+      break
+    time.sleep(0.5)
+  assert launcher.poll() is None, launcher.stderr.read()[-3000:]
+  second = subprocess.run(["pgrep", "-f", f"process_id=1 --workdir={workdir}"],
+                          capture_output=True, text=True).stdout.split()
+  assert len(second) == 1
+  os.kill(int(second[0]), signal.SIGTERM)
+  stdout, stderr = launcher.communicate(timeout=180)
+  assert launcher.returncode == 0, stderr[-3000:]
+  assert stdout.count("checkpoint saved, rerun the same command to resume") == 2
+  (step,) = checkpoint.available_steps(workdir)
+  assert step % 2 == 0
+  data_state = checkpoint.checkpoint_dir(workdir) / str(step) / "data"
+  assert len(list(data_state.glob("process_*-of-2.json"))) == 2
