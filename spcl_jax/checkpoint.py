@@ -57,7 +57,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
       meta=ocp.args.JsonRestore()))
   meta = restored["meta"]
   if meta.get("layout_version") != LAYOUT_VERSION:
-    raise ValueError(f"checkpoint step {step} in {checkpoint_dir('.')} has layout version "
+    raise ValueError(f"checkpoint step {step} in {manager.directory} has layout version "
                      f"{meta.get('layout_version')}, this code reads {LAYOUT_VERSION}")
   return restored["params"], restored["opt_state"], int(meta["step"])
 

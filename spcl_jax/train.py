@@ -146,7 +146,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
     run_info.write_run_info(workdir, config)
-  if is_main:
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} in "
           f"{jax.process_count()} process(es), mesh {dict(mesh.shape)}; workdir {workdir}",
           flush=True)
@@ -174,7 +173,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         manager, last_checkpoint, abstract_state.params, abstract_state.opt_state, train_iter)
     state = steps.TrainState(step=jax.device_put(np.int32(step), shardings.step),
                              params=params, opt_state=opt_state)
-    print(f"resumed from {checkpoint.checkpoint_dir(workdir)} at step {step}", flush=True)
+    if is_main:
+      print(f"resumed from {checkpoint.checkpoint_dir(workdir)} at step {step}", flush=True)
   else:
     state = steps.create_train_state(model, tx, mesh, config, keys["init"], shardings)
   start_step = int(jax.device_get(state.step))
