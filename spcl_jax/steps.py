@@ -8,6 +8,7 @@ shard_map (local rows x all-gathered columns) -> gradients -> AdamW.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -21,9 +22,9 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from spcl_jax import losses, masking, sharding
+from spcl_jax import losses, masking, optimizer, sharding
 from spcl_jax.data.normalize import normalize_uint8
-from spcl_jax.models.vit import VisionTransformer, patchify
+from spcl_jax.models.vit import VisionTransformer, build_encoder, patchify
 
 
 @flax.struct.dataclass
@@ -163,3 +164,30 @@ def global_batch(images: Any, mesh: Mesh, config: ml_collections.ConfigDict) -> 
   batch_sharding = sharding.batch_sharding(mesh, config, images.ndim)
   global_shape = (config.batch_size, *images.shape[1:])
   return jax.make_array_from_process_local_data(batch_sharding, images, global_shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+  """What training on one mesh needs, built once from the config (trainer, benchmark, tests)."""
+
+  model: VisionTransformer
+  tx: optax.GradientTransformation
+  abstract_state: TrainState  # shapes with shardings attached: the checkpoint restore target
+  shardings: Any
+  train_step: Callable[..., Any]
+  eval_step: Callable[..., Any]
+  mesh: Mesh
+  config: ml_collections.ConfigDict
+
+  def init_state(self, key: jax.Array) -> TrainState:
+    return create_train_state(self.model, self.tx, self.mesh, self.config, key, self.shardings)
+
+
+def build_training(config: ml_collections.ConfigDict, mesh: Mesh) -> Training:
+  model = build_encoder(config.model)
+  tx = optimizer.make_optimizer(config)
+  abstract_state, shardings = state_shardings(model, tx, mesh, config)
+  train_step = make_train_step(model, tx, mesh, config, shardings,
+                               optimizer.learning_rate_schedule(config))
+  eval_step = make_eval_step(model, mesh, config, shardings.params)
+  return Training(model, tx, abstract_state, shardings, train_step, eval_step, mesh, config)

@@ -24,11 +24,10 @@ import numpy as np
 from clu import metrics as clu_metrics
 from jax.experimental import multihost_utils
 
-from spcl_jax import checkpoint, metrics, optimizer, run_info, sharding, steps
+from spcl_jax import checkpoint, metrics, run_info, sharding, steps
 from spcl_jax.configuration import validate_config
 from spcl_jax.data import pipeline
 from spcl_jax.data.sources import open_source
-from spcl_jax.models.vit import build_encoder
 
 log = logging.getLogger("spcl_jax")
 
@@ -150,10 +149,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           f"{jax.process_count()} process(es), mesh {dict(mesh.shape)}; workdir {workdir}",
           flush=True)
 
-  model = build_encoder(config.model)
-  tx = optimizer.make_optimizer(config)
-  schedule = optimizer.learning_rate_schedule(config)
-  abstract_state, shardings = steps.state_shardings(model, tx, mesh, config)
+  training = steps.build_training(config, mesh)
+  abstract_state, shardings = training.abstract_state, training.shardings
   keys = _keys(config.seed)
 
   source = open_source(config.data.source)
@@ -176,14 +173,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if is_main:
       print(f"resumed from {checkpoint.checkpoint_dir(workdir)} at step {step}", flush=True)
   else:
-    state = steps.create_train_state(model, tx, mesh, config, keys["init"], shardings)
+    state = training.init_state(keys["init"])
   start_step = int(jax.device_get(state.step))
   if start_step >= config.total_steps and is_main:
     print(f"nothing to do: the run in {workdir} is at step {start_step} and "
           f"config.total_steps={config.total_steps}; raise it to train further", flush=True)
 
-  train_step = steps.make_train_step(model, tx, mesh, config, shardings, schedule)
-  eval_step = steps.make_eval_step(model, mesh, config, shardings.params)
+  train_step, eval_step = training.train_step, training.eval_step
   writer = metrics.MetricsWriter(workdir, total_steps=config.total_steps, enabled=is_main)
   throughput = _Throughput(config)
   last_train: dict[str, Any] = {}

@@ -123,3 +123,18 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
   assert step % 2 == 0
   data_state = checkpoint.checkpoint_dir(workdir) / str(step) / "data"
   assert len(list(data_state.glob("process_*-of-2.json"))) == 2
+
+
+def test_bench_command_line_dispatches_to_each_benchmark(tmp_path):
+  bench = [sys.executable, "-m", "spcl_jax.bench"]
+  usage = subprocess.run(bench, cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert usage.returncode == 2 and "train" in usage.stderr and "input" in usage.stderr
+  train = subprocess.run([*bench, "train", "--config=configs/demo.py",
+                          "--config.model.image_size=64", "--steps=2", "--warmup_steps=0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert train.returncode == 0, train.stderr[-3000:]
+  assert "images/s" in train.stdout and "compile + first step" in train.stdout
+  formats = subprocess.run([*bench, "input", "--formats", "--image-size", "64", "--seconds",
+                            "0.2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert formats.returncode == 0, formats.stderr[-3000:]
+  assert json.loads(formats.stdout.strip().splitlines()[-1])["formats"]

@@ -74,4 +74,4 @@ def test_input_bench_reports_rates(mimic_all_views, capsys):
                            "0.3", "--workers", "1", "--batch-size", "2"]) == 0
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert result["data"]["images"] == 6
-  assert result["one_core"]["images_per_s"] > 0 and result["loader"]["images_per_s"] > 0
+  assert result["one_core"]["images_per_s"] > 0 and result["pipeline"]["images_per_s"] > 0

@@ -68,12 +68,9 @@ def test_each_device_computes_local_rows_by_global_columns():
 
 def run_three_steps(config, devices):
   mesh = sharding.make_mesh(config, devices)
-  model = build_encoder(config.model)
-  tx = optimizer.make_optimizer(config)
-  _, shardings = steps.state_shardings(model, tx, mesh, config)
-  state = steps.create_train_state(model, tx, mesh, config, jax.random.key(0), shardings)
-  train_step = steps.make_train_step(model, tx, mesh, config, shardings,
-                                     optimizer.learning_rate_schedule(config))
+  training = steps.build_training(config, mesh)
+  state = training.init_state(jax.random.key(0))
+  train_step = training.train_step
   images = np.random.default_rng(0).integers(0, 256, (3, 16, 64, 64), dtype=np.uint8)
   step_losses = []
   for i in range(3):

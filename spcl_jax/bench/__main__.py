@@ -15,7 +15,7 @@ def main() -> int:
     print(__doc__.strip(), file=sys.stderr)
     return 2
   module = importlib.import_module(BENCHMARKS[sys.argv[1]])
-  return module.main([f"spcl_jax.bench {sys.argv[1]}", *sys.argv[2:]])
+  return module.main(sys.argv[2:])  # each benchmark's main takes its arguments alone
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Input benchmark: decoded images/s from a prepared folder, and the storage format trade-off.
 
   python -m spcl_jax.bench input --data OUT_DIR [--workers N] [--seconds 10] [--split all]
-      images/s on one core (source read + decode in this process, no pipeline) and through a
-      grain DataLoader with N worker processes (shuffled reads, decode, batching).
+      images/s on one core (source read + decode in this process, no pipeline) and through the
+      training input pipeline with N grain worker processes (shuffled reads, decode, batching).
   python -m spcl_jax.bench input --formats [--image-size 512]
       JPEG quality 95 vs lossless PNG on the bundled sample radiographs: bytes per image,
       encode ms, decode images/s on one core, PSNR. This is what chose the default encoding.
@@ -19,11 +19,11 @@ import pathlib
 import signal
 import time
 
-import grain
+import ml_collections
 import numpy as np
 from PIL import Image
 
-from spcl_jax.data import decode
+from spcl_jax.data import decode, pipeline
 from spcl_jax.data.datasets import records
 from spcl_jax.data.sources import SAMPLE_DIR
 
@@ -47,25 +47,15 @@ def one_core_rate(source, image_size: int, seconds: float, seed: int = 0) -> dic
           "read_ms": 1e3 * read_s / count, "decode_ms": 1e3 * decode_s / count}
 
 
-class DecodeRecord(grain.transforms.Map):
-  """Source record -> uint8 (S, S), in the loader's worker processes (module level: pickles)."""
-
-  def __init__(self, image_size: int):
-    self.image_size = image_size
-
-  def map(self, element):
-    return decode.decode_image(element, self.image_size)
-
-
 _STALL_SECONDS = 300
 
 
 @contextlib.contextmanager
 def _watchdog(seconds: int):
-  """Fails loudly instead of waiting forever if the loader's workers stop answering."""
+  """Fails loudly instead of waiting forever if the pipeline's workers stop answering."""
   def on_alarm(signum, frame):
     del signum, frame
-    raise TimeoutError(f"the grain DataLoader gave no batch for {seconds} s: its workers are "
+    raise TimeoutError(f"the input pipeline gave no batch for {seconds} s: its workers are "
                        "stuck or dead (see their errors above)")
   previous = signal.signal(signal.SIGALRM, on_alarm)
   signal.alarm(seconds)
@@ -76,29 +66,27 @@ def _watchdog(seconds: int):
     signal.signal(signal.SIGALRM, previous)
 
 
-def loader_rate(source, image_size: int, workers: int, seconds: float, batch_size: int) -> dict:
-  """Batches/s of a grain DataLoader with `workers` processes, after a warm-up batch each."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  if not flags.FLAGS.is_parsed():
-    # grain's worker processes read its absl flags; outside absl.app nobody parsed them.
-    flags.FLAGS.mark_as_parsed()
-  sampler = grain.samplers.IndexSampler(
-      len(source), shard_options=grain.sharding.NoSharding(), shuffle=True, num_epochs=None,
-      seed=0)
-  loader = grain.DataLoader(
-      data_source=source, sampler=sampler, worker_count=workers,
-      operations=[DecodeRecord(image_size), grain.transforms.Batch(batch_size,
-                                                                    drop_remainder=True)])
-  iterator = iter(loader)
-  with _watchdog(_STALL_SECONDS):
-    for _ in range(max(1, workers)):  # Worker start-up is not throughput.
-      next(iterator)
-    count = 0
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds:
-      batch = next(iterator)
-      count += batch.shape[0]
-    elapsed = time.perf_counter() - start
+def pipeline_rate(source, image_size: int, workers: int, seconds: float,
+                  batch_size: int) -> dict:
+  """images/s of the training input pipeline itself (`pipeline.train_dataset`: shuffled
+  reads, decode, batching, `workers` grain processes), after a warm-up batch per worker."""
+  config = ml_collections.ConfigDict({
+      "seed": 0, "batch_size": batch_size, "model": {"image_size": image_size},
+      "data": {"shuffle_seed": -1, "resize_filter": "bilinear", "num_workers": workers,
+               "read_threads": 4, "prefetch_buffer_size": 8}})
+  iterator = iter(pipeline.train_dataset(config, source=source))
+  try:
+    with _watchdog(_STALL_SECONDS):
+      for _ in range(max(1, workers)):  # Worker start-up is not throughput.
+        next(iterator)
+      count = 0
+      start = time.perf_counter()
+      while time.perf_counter() - start < seconds:
+        count += next(iterator).shape[0]
+      elapsed = time.perf_counter() - start
+  finally:
+    if hasattr(iterator, "close"):
+      iterator.close()
   return {"images_per_s": count / elapsed, "images": count, "workers": workers,
           "images_per_s_per_worker": count / elapsed / max(1, workers)}
 
@@ -150,7 +138,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--split", default="all")
   parser.add_argument("--views", default="frontal", choices=("frontal", "all"))
   parser.add_argument("--workers", type=int, default=0,
-                      help="also measure a grain DataLoader with this many worker processes")
+                      help="also measure the training input pipeline with this many workers")
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
   parser.add_argument("--formats", action="store_true",
@@ -183,10 +171,10 @@ def main(argv: list[str]) -> int:
     print(f"{source}: one core {r['images_per_s']:.0f} images/s ({image_size}x{image_size}; "
           f"read {r['read_ms']:.2f} ms + decode {r['decode_ms']:.2f} ms per image)")
     if args.workers > 0:
-      results["loader"] = loader_rate(source, image_size, args.workers, args.seconds,
-                                      args.batch_size)
-      r = results["loader"]
-      print(f"grain DataLoader, {args.workers} workers: {r['images_per_s']:.0f} images/s "
-            f"({r['images_per_s_per_worker']:.0f} per worker)")
+      results["pipeline"] = pipeline_rate(source, image_size, args.workers, args.seconds,
+                                          args.batch_size)
+      r = results["pipeline"]
+      print(f"training input pipeline, {args.workers} workers: {r['images_per_s']:.0f} "
+            f"images/s ({r['images_per_s_per_worker']:.0f} per worker)")
   print(json.dumps(results))
   return 0

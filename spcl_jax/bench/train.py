@@ -21,22 +21,19 @@ flags.DEFINE_integer("warmup_steps", 3, "Untimed steps after compilation.", flag
 
 
 def main(argv: list[str]) -> int:
-  _FLAGS(argv)
+  """argv: the arguments after `train` (absl wants a program name first)."""
+  _FLAGS(["python -m spcl_jax.bench train", *argv])
   import jax  # pylint: disable=g-import-not-at-top
-  from spcl_jax import metrics, optimizer, sharding, steps  # pylint: disable=g-import-not-at-top
+  from spcl_jax import metrics, sharding, steps  # pylint: disable=g-import-not-at-top
   from spcl_jax.configuration import validate_config  # pylint: disable=g-import-not-at-top
-  from spcl_jax.models.vit import build_encoder  # pylint: disable=g-import-not-at-top
 
   config = _FLAGS.config
   mesh = sharding.make_mesh(config)
   validate_config(config, num_batch_shards=sharding.num_batch_shards(config, mesh),
                   process_count=jax.process_count())
-  model = build_encoder(config.model)
-  tx = optimizer.make_optimizer(config)
-  _, shardings = steps.state_shardings(model, tx, mesh, config)
-  state = steps.create_train_state(model, tx, mesh, config, jax.random.key(0), shardings)
-  train_step = steps.make_train_step(model, tx, mesh, config, shardings,
-                                     optimizer.learning_rate_schedule(config))
+  training = steps.build_training(config, mesh)
+  state = training.init_state(jax.random.key(0))
+  train_step = training.train_step
   local = config.batch_size // jax.process_count()
   size = config.model.image_size
   images = np.random.default_rng(0).integers(0, 256, (local, size, size), dtype=np.uint8)
