@@ -30,6 +30,15 @@ def logit_scale(log_scale: jax.Array, max_scale: float = 100.0) -> jax.Array:
   return jnp.exp(jnp.minimum(jnp.asarray(log_scale, jnp.float32), jnp.log(max_scale)))
 
 
+def clamp_log_scale(log_scale: jax.Array, max_scale: float = 100.0) -> jax.Array:
+  """The parameter itself back into [0, log max_scale], applied after every optimiser update.
+
+  The forward clamp alone is a trap (open_clip clamps the parameter for this reason): above the
+  cap the gradient is 0, Adam's momentum keeps pushing log_s up, and it never comes back.
+  """
+  return jnp.clip(log_scale, 0.0, jnp.log(max_scale)).astype(jnp.asarray(log_scale).dtype)
+
+
 def l2_normalize(z: jax.Array, eps: float = 1e-12) -> jax.Array:
   z = z.astype(jnp.float32)
   return z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, axis=-1, keepdims=True), eps * eps))
@@ -73,7 +82,9 @@ def spcl_logits(z1: jax.Array, z2: jax.Array, log_scale: jax.Array, *, kappa: fl
   g2 = _gather_batch(l2_normalize(z2), axis_name)
   big_b = g1.shape[0]
   columns = jnp.concatenate([g1, g2], axis=0)                                   # (2B, D)
-  cos = jnp.clip(rows @ columns.T, -1.0, 1.0)
+  # Full float32 precision: the accelerators' default (TF32 on GPU, one bf16 pass on TPU) puts
+  # self-cosines above 1, where the clip zeroes their gradient.
+  cos = jnp.clip(jnp.matmul(rows, columns.T, precision=jax.lax.Precision.HIGHEST), -1.0, 1.0)
   logits = tsp_similarity(cos, kappa) * logit_scale(log_scale, max_scale)
   example = _first_global_row(b, axis_name) + jnp.arange(b)                     # global ids
   self_col = jnp.concatenate([example, big_b + example])

@@ -130,10 +130,13 @@ def make_train_step(model: VisionTransformer, tx: optax.GradientTransformation, 
     (loss, retrieval), grads = jax.value_and_grad(forward, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    scale = losses.logit_scale(state.params["log_scale"], config.spcl.max_scale)
+    params["log_scale"] = losses.clamp_log_scale(params["log_scale"], config.spcl.max_scale)
+    log_scale = state.params["log_scale"]  # what this step's loss used
+    scale = losses.logit_scale(log_scale, config.spcl.max_scale)
     metrics = {
         "loss": loss,
         "retrieval_top1": retrieval,
+        "log_scale": log_scale,
         "scale": scale,
         "temperature": 1.0 / scale,
         "lr": schedule(state.step),
