@@ -74,6 +74,10 @@ def test_train_step_loss_equals_the_method_built_by_hand(shared):
   _, metrics = training.train_step(state, steps.global_batch(images, mesh, config), key)
   np.testing.assert_allclose(float(metrics["loss"]), float(want_loss), rtol=1e-6)
   assert float(metrics["retrieval_top1"]) == pytest.approx(float(want_retrieval))
+  # The logged lr is the one this update used: schedule(0) for the first step.
+  schedule = optimizer.learning_rate_schedule(config)
+  assert float(metrics["lr"]) == pytest.approx(float(schedule(0)), rel=1e-6)
+  assert float(schedule(0)) != pytest.approx(float(schedule(1)), rel=1e-4)
 
 
 def test_partitioned_views_are_the_partition_and_disjoint(shared):
