@@ -32,7 +32,7 @@ def write_nih(root, row_order_seed=None):
       findings = ["No Finding", "Effusion|Mass", "Hernia"][(patient + k) % 3]
       rows.append(fx.nih_row(name, findings, patient, "PA" if k == 0 else "AP"))
       if not (root / "images" / name).exists():
-        fx.write_png(root / "images" / name, fx.gradient(48, 40, patient * 2 + k, np.uint16))
+        fx.write_png(root / "images" / name, fx.gradient(72, 64, patient * 2 + k, np.uint16))
   if row_order_seed is not None:
     random.Random(row_order_seed).shuffle(rows)
   fx.write_csv(root / "Data_Entry_2017_v2020.csv", fx.NIH_HEADER, rows)
@@ -140,7 +140,7 @@ def write_chexpert(root):
                                          _cells(patient % 2 == 0)))
       path = (root / CHEX_PREFIX / split / f"patient{patient:05d}/study1/"
               f"view{view}_{'frontal' if frontal else 'lateral'}.jpg")
-      fx.write_jpeg(path, fx.gradient(40, 48, patient * 3 + view))
+      fx.write_jpeg(path, fx.gradient(64, 72, patient * 3 + view))
   fx.write_csv(root / CHEX_PREFIX / "train.csv", fx.CHEXPERT_HEADER, rows["train"])
   fx.write_csv(root / CHEX_PREFIX / "valid.csv", fx.CHEXPERT_HEADER, rows["valid"])
   truncated = root / CHEX_PREFIX / "train/patient00003/study1/view1_frontal.jpg"

@@ -44,7 +44,7 @@ def test_interrupted_preparation_is_redone_from_scratch(tmp_path):
   fx.write_csv(raw / "Data_Entry_2017.csv", fx.NIH_HEADER,
                [fx.nih_row(f"0000000{i}_000.png", "Mass", i) for i in range(1, 5)])
   for i in range(1, 5):
-    fx.write_png(raw / f"images/0000000{i}_000.png", fx.gradient(40, 40, i))
+    fx.write_png(raw / f"images/0000000{i}_000.png", fx.gradient(64, 64, i))
   argv = ["nih_chestxray14", "--src", str(raw), "--out", str(tmp_path / "out"),
           "--image-size", "16", "--workers", "1"]
   prepare.main(argv)

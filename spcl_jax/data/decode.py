@@ -74,6 +74,15 @@ def resize_to_uint8(image: np.ndarray | Image.Image, size: int, resize_filter: s
   return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
 
 
+def encoded_size(data: bytes, name: str) -> tuple[int, int]:
+  """(width, height) of PNG/JPEG/... bytes from the header alone (no pixels are decoded)."""
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      return im.size
+  except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+    raise ValueError(f"cannot decode image {name!r}: {e}") from e
+
+
 def decode_image(record: dict[str, Any], image_size: int, resize_filter: str = "bilinear"
                  ) -> np.ndarray:
   """One source record -> a (image_size, image_size) uint8 grayscale image.
