@@ -82,7 +82,7 @@ def read_manifest(src, *, check_files: bool = True) -> mf.Manifest:
                               "pools train.csv and valid.csv, both are needed")
     for row in mf.read_csv_rows(csv_path, _COLUMNS):
       if row.cells is None:
-        exclusions.add("bad_row", canonical_name(row.cell_at("Path")), row.where, row.width_error)
+        exclusions.add("bad_row", canonical_name(row.cell_at("Path")), row.where, row.error)
         continue
       name = canonical_name(row.cells["Path"])
       patient = _PATIENT.search(name)

@@ -121,23 +121,19 @@ def find_first(src: pathlib.Path, patterns: Sequence[str], what: str) -> pathlib
 
 @dataclasses.dataclass(frozen=True)
 class CsvRow:
-  """One CSV record. `cells` is None when its width differs from the header's: a cut row loses
-  its last labels and a row with one extra cell shifts every later one, so no cell of it can be
-  trusted as a label. `cell_at` still reads a key column, to know which image to exclude."""
-  where: str  # "train.csv line 7" (or "lines 7-8" for a quoted cell spanning lines).
+  """One CSV record. `cells` is None when its width differs from the header's (`error` says
+  so): a cut row loses its last labels and a row with one extra cell shifts every later one, so
+  no cell of it can be trusted as a label. `cell_at` still reads a key column, to know which
+  image to exclude."""
+  where: str  # "train.csv line 7" (or "lines 7-9" for a quoted cell spanning lines).
   cells: dict[str, str] | None
   raw: list[str]
   header: tuple[str, ...]
-  text: str  # The record as it is in the file, for the report.
+  error: str = ""
 
   def cell_at(self, column: str) -> str:
     index = self.header.index(column)
     return self.raw[index].strip() if index < len(self.raw) else ""
-
-  @property
-  def width_error(self) -> str:
-    return (f"{len(self.raw)} cells where the header has {len(self.header)}: "
-            f"{self.text[:300]!r}")
 
 
 def _lines_kept(lines: Iterator[str], consumed: list[str]) -> Iterator[str]:
@@ -165,17 +161,25 @@ def read_csv_rows(path: pathlib.Path, required: Iterable[str]) -> Iterator[CsvRo
     if missing:
       raise ValueError(f"{str(path)!r}: missing column(s) {missing}; header is {list(header)}")
     consumed.clear()
-    for row in reader:
+    while True:
+      try:
+        row, error = next(reader), ""
+      except StopIteration:
+        return
+      except csv.Error as e:  # E.g. a quote left open makes one cell of the lines after it.
+        row, error = [], f"unreadable CSV record ({e})"
       first_line = reader.line_num - len(consumed) + 1
       lines = (f"line {first_line}" if first_line == reader.line_num
                else f"lines {first_line}-{reader.line_num}")
       record_text = "".join(consumed).rstrip("\r\n")
       consumed.clear()
-      if not any(cell.strip() for cell in row):
+      if not error and not any(cell.strip() for cell in row):
         continue
-      cells = (dict(zip(header, (cell.strip() for cell in row)))
-               if len(row) == len(header) else None)
-      yield CsvRow(f"{path.name} {lines}", cells, row, header, record_text)
+      if not error and len(row) != len(header):
+        error = (f"{len(row)} cells where the header has {len(header)}: "
+                 f"{record_text[:300]!r}")
+      cells = None if error else dict(zip(header, (cell.strip() for cell in row)))
+      yield CsvRow(f"{path.name} {lines}", cells, row, header, error)
 
 
 class Exclusions:

@@ -50,7 +50,7 @@ def read_manifest(src, *, check_files: bool = True) -> mf.Manifest:
   valid_rows_of: dict[str, list[str]] = {}
   for row in mf.read_csv_rows(metadata, _COLUMNS):
     if row.cells is None:
-      exclusions.add("bad_row", row.cell_at("dicom_id"), row.where, row.width_error)
+      exclusions.add("bad_row", row.cell_at("dicom_id"), row.where, row.error)
       continue
     error = _row_error(row.cells)
     if error:

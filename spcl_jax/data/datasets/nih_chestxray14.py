@@ -6,7 +6,8 @@ Data_Entry_2017_v2020.csv, train_val_list.txt, test_list.txt); the Kaggle mirror
 Layout under --src: Data_Entry_2017*.csv, the PNGs anywhere below (found by file name), and
 optionally train_val_list.txt / test_list.txt, which become splits/official_*.txt.
 Quirks: `Finding Labels` joins findings with "|"; "No Finding" means all 14 are negative and may
-not appear with a finding (such a row is reported and excluded). Image names are unique ids.
+not appear with a finding (such a row is reported and excluded). Image names are unique ids; one
+name in two images_* folders is a duplicate_file (identical copies: the first path in sorted order).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def read_manifest(src, *, check_files: bool = True) -> mf.Manifest:
   valid_rows_of: dict[str, list[str]] = {}
   for row in mf.read_csv_rows(metadata, _COLUMNS):
     if row.cells is None:  # E.g. an unquoted comma in Finding Labels.
-      exclusions.add("bad_row", row.cell_at("Image Index"), row.where, row.width_error)
+      exclusions.add("bad_row", row.cell_at("Image Index"), row.where, row.error)
       continue
     name, patient = row.cells["Image Index"], _patient(row.cells["Patient ID"])
     if not name or patient is None:

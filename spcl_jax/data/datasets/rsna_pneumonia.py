@@ -53,7 +53,7 @@ def read_manifest(src, *, check_files: bool = True) -> mf.Manifest:
   exclusions = mf.Exclusions()  # One bad row may have been the positive one: drop the image.
   for row in mf.read_csv_rows(labels_csv, _COLUMNS):
     if row.cells is None:
-      exclusions.add("bad_row", row.cell_at("patientId"), row.where, row.width_error)
+      exclusions.add("bad_row", row.cell_at("patientId"), row.where, row.error)
       continue
     name = row.cells["patientId"]
     if not name:

@@ -52,7 +52,7 @@ def read_manifest(src, *, check_files: bool = True) -> mf.Manifest:
   exclusions = mf.Exclusions()  # A bad row may have been a region: the mask is unknowable.
   for row in mf.read_csv_rows(rle_csv, _COLUMNS):
     if row.cells is None:  # E.g. an ImageId without its EncodedPixels cell.
-      exclusions.add("bad_row", row.cell_at("ImageId"), row.where, row.width_error)
+      exclusions.add("bad_row", row.cell_at("ImageId"), row.where, row.error)
       continue
     name, text = row.cells["ImageId"], row.cells["EncodedPixels"]
     if not name:
