@@ -14,6 +14,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+# Images with a smaller side are refused (prepare: too_small; folder: an error): resized to the
+# model's input, a 1x1 image becomes a flat square that would train as if it were a radiograph.
+MIN_IMAGE_SIDE = 64
+
 _RESIZE_FILTERS = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,

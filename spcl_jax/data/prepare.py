@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 
+from spcl_jax.data import decode
 from spcl_jax.data import splits as splits_lib
 from spcl_jax.data.datasets import DATASET_NAMES, dataset_module
 from spcl_jax.data.datasets import manifest as mf
@@ -44,7 +45,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       help="jpeg (quality 95, default: 2x smaller, 3x faster to decode) or png "
                       "(lossless)")
   parser.add_argument("--resize-filter", default="bilinear")
-  parser.add_argument("--min-side", type=int, default=64,
+  parser.add_argument("--min-side", type=int, default=decode.MIN_IMAGE_SIDE,
                       help="images with a side below this many pixels are skipped and reported "
                       "as too_small (default 64)")
   parser.add_argument("--views", choices=VIEWS, default="frontal",

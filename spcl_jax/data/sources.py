@@ -23,9 +23,6 @@ from typing import Any, Protocol
 from spcl_jax.data import decode
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-# Smaller images are an error: resized to the model's input, a 1x1 image is a flat square that
-# would train as if it were a radiograph. The same default as `prepare --min-side`.
-DEFAULT_MIN_SIDE = 64
 _MIN_SIDE_OPTION = re.compile(r",\s*min_side=([^,]*)$")
 SAMPLE_DIR = pathlib.Path(__file__).resolve().parent / "sample"
 
@@ -47,7 +44,7 @@ class FolderSource:
   per-process sharding and the checkpointed iterator state rely on.
   """
 
-  def __init__(self, root: str | os.PathLike[str], min_side: int = DEFAULT_MIN_SIDE):
+  def __init__(self, root: str | os.PathLike[str], min_side: int = decode.MIN_IMAGE_SIDE):
     self.root = pathlib.Path(root).expanduser()
     self.min_side = min_side
     if not self.root.is_dir():
@@ -92,7 +89,7 @@ def _sample_source(argument: str) -> FolderSource:
 def _folder_source(argument: str) -> FolderSource:
   """'PATH' or 'PATH,min_side=N' (only a trailing option is read: a path may hold commas)."""
   option = _MIN_SIDE_OPTION.search(argument)
-  min_side = DEFAULT_MIN_SIDE
+  min_side = decode.MIN_IMAGE_SIDE
   if option:
     argument = argument[:option.start()]
     if not option.group(1).strip().isdigit() or int(option.group(1)) < 1:

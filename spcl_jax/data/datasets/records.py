@@ -35,9 +35,7 @@ class EncodeSettings:
   encoding: str = "jpeg"
   jpeg_quality: int = 95
   resize_filter: str = "bilinear"
-  # Smaller images are skipped (too_small): a 1x1 image resized to S x S is a flat square that
-  # would train as if it were a radiograph.
-  min_side: int = 64
+  min_side: int = decode.MIN_IMAGE_SIDE  # Images with a smaller side are skipped (too_small).
 
   def __post_init__(self):
     if self.encoding not in ENCODINGS:
