@@ -1,7 +1,7 @@
 """Defaults for every S-PCL run; the variant files override what differs (Flax-examples style).
 
 Every field can be overridden on the command line: --config.spcl.mask_ratio=0.5.
-References in comments are to ../shared/docs/METHOD.md (shipped as docs/METHOD.md).
+References in comments (METHOD n) are to the sections of docs/method.md.
 """
 
 import ml_collections
