@@ -7,19 +7,60 @@
 
 Separate items let export and feature extraction restore `params` alone, without building the
 optimizer or the input pipeline.
+
+Safety: a state with a NaN/Inf anywhere in the parameters or optimiser state is never written
+(checked on device just before the save). On restore, a checkpoint that cannot be read, or that
+holds a non-finite value, is named with what is wrong and moved to WORKDIR/checkpoints_corrupt/,
+and the newest intact one is used instead. orbax tmp folders left by a killed save are removed.
 """
 
 from __future__ import annotations
 
+import logging
 import pathlib
+import shutil
+import time
 from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+
+log = logging.getLogger("spcl_jax")
 
 LAYOUT_VERSION = 1
 ITEM_NAMES = ("params", "opt_state", "data", "meta")
+# Where unreadable checkpoints and those after a chosen --restore_step are moved (never deleted).
+CORRUPT_DIR = "checkpoints_corrupt"
+SUPERSEDED_DIR = "checkpoints_superseded"
+TMP_MARKER = ".orbax-checkpoint-tmp"
+
+
+class NonFiniteStateError(FloatingPointError):
+  """The parameters or optimiser state hold NaN/Inf: the state is not written."""
+
+
+class CorruptCheckpointError(ValueError):
+  """A checkpoint that cannot be restored (unreadable, incomplete, or not finite)."""
+
+
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+  """One on-device reduction: True iff every floating-point leaf of `tree` is finite."""
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
+def first_non_finite(tree: Any) -> str | None:
+  """The path of the first leaf holding NaN/Inf (host arrays), for the error message."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    value = np.asarray(leaf)
+    if np.issubdtype(value.dtype, np.inexact) and not np.all(np.isfinite(value)):
+      return jax.tree_util.keystr(path)
+  return None
 
 
 def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
@@ -39,6 +80,19 @@ def make_manager(workdir: str | pathlib.Path, *, max_to_keep: int | None = 3,
 
 def save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
          data_iterator: Any) -> None:
+  """Starts an asynchronous save; refuses a non-finite state (it would poison every resume).
+
+  The finiteness check is one jitted reduction over the updated state, read here only, so
+  steps that are not saved never wait for it.
+  """
+  if not bool(all_finite((params, opt_state))):
+    kept = manager.latest_step()
+    raise NonFiniteStateError(
+        f"the parameters or optimiser state after step {step} hold NaN/Inf: not saved "
+        + (f"(the last good checkpoint is step {kept} in {manager.directory})" if kept is not None
+           else "(no checkpoint was written)")
+        + ". Lower config.optim.learning_rate, set config.optim.grad_clip_norm, or use "
+        "config.model.dtype=float32 to find the cause")
   manager.save(step, args=ocp.args.Composite(
       params=ocp.args.StandardSave(params),
       opt_state=ocp.args.StandardSave(opt_state),
@@ -62,6 +116,92 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
   return restored["params"], restored["opt_state"], int(meta["step"])
 
 
+def _what_is_wrong(error: BaseException) -> str:
+  text = " ".join(str(error).split())
+  return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
+
+
+def _move_aside(workdir: pathlib.Path, step: int, folder: str) -> pathlib.Path:
+  target_root = pathlib.Path(workdir) / folder
+  target_root.mkdir(exist_ok=True)
+  target = target_root / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+  shutil.move(str(checkpoint_dir(workdir) / str(step)), str(target))
+  return target
+
+
+def restore_checked(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
+                    abstract_opt_state: Any, data_iterator: Any) -> tuple[Any, Any, int]:
+  """`restore`, turning any failure and any non-finite value into CorruptCheckpointError."""
+  where = f"checkpoint {str(pathlib.Path(manager.directory) / str(step))!r}"
+  try:
+    params, opt_state, restored_step = restore(manager, step, abstract_params,
+                                               abstract_opt_state, data_iterator)
+  except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many kinds
+    raise CorruptCheckpointError(f"{where} is unreadable ({_what_is_wrong(e)})") from e
+  if restored_step != step:
+    raise CorruptCheckpointError(f"{where}: its meta item says step {restored_step}")
+  if not bool(all_finite((params, opt_state))):
+    bad = first_non_finite(jax.device_get((params, opt_state)))
+    raise CorruptCheckpointError(f"{where} holds NaN/Inf (first at {bad})")
+  return params, opt_state, step
+
+
+def restore_intact(workdir: str | pathlib.Path, manager: ocp.CheckpointManager,
+                   abstract_params: Any, abstract_opt_state: Any, data_iterator: Any,
+                   chosen_step: int | None = None) -> tuple[Any, Any, int] | None:
+  """The newest intact checkpoint (or `chosen_step`), or None when there is none to resume.
+
+  A checkpoint that fails to restore is named with what is wrong, moved to
+  WORKDIR/checkpoints_corrupt/ (so the run can save that step again), and the next older one is
+  tried, with a loud warning. With `chosen_step`, the checkpoints after it are moved to
+  WORKDIR/checkpoints_superseded/: the run continues from the chosen step and will write those
+  steps again.
+  """
+  workdir = pathlib.Path(workdir)
+  present = sorted(manager.all_steps())
+  if chosen_step is not None:
+    if chosen_step not in present:
+      raise CorruptCheckpointError(
+          f"--restore_step {chosen_step}: no such checkpoint in "
+          f"{str(checkpoint_dir(workdir))!r} (steps present: "
+          f"{', '.join(map(str, present)) or 'none'})")
+    restored = restore_checked(manager, chosen_step, abstract_params, abstract_opt_state,
+                               data_iterator)
+    for later in (s for s in present if s > chosen_step):
+      moved = _move_aside(workdir, later, SUPERSEDED_DIR)
+      log.warning("restoring the chosen step %d: checkpoint %d moved to %s", chosen_step,
+                  later, moved)
+    manager.reload()
+    return restored
+  for step in reversed(present):
+    try:
+      return restore_checked(manager, step, abstract_params, abstract_opt_state, data_iterator)
+    except CorruptCheckpointError as e:
+      moved = _move_aside(workdir, step, CORRUPT_DIR)
+      older = [s for s in present if s < step]
+      log.warning("%s; moved it to %s and %s", e, moved,
+                  f"trying step {older[-1]}" if older else "no older checkpoint is left: "
+                  "starting from scratch")
+      print(f"WARNING: {e}; moved to {moved}; "
+            + (f"falling back to step {older[-1]}" if older else "no intact checkpoint left, "
+               "training starts from step 0"), flush=True)
+      manager.reload()
+  return None
+
+
+def remove_stale_tmp(workdir: str | pathlib.Path) -> list[pathlib.Path]:
+  """Deletes orbax tmp folders that a killed save left behind (call only holding the lock)."""
+  root = checkpoint_dir(workdir)
+  stale = sorted(p for p in root.glob(f"*{TMP_MARKER}*")) if root.is_dir() else []
+  for path in stale:
+    if path.is_dir():
+      shutil.rmtree(path, ignore_errors=True)
+    else:
+      path.unlink(missing_ok=True)
+    log.warning("removed %s, left by a save that did not finish", path)
+  return stale
+
+
 def available_steps(workdir: str | pathlib.Path) -> list[int]:
   if not checkpoint_dir(workdir).is_dir():
     return []
@@ -82,13 +222,27 @@ def restore_params(workdir: str | pathlib.Path, step: int | None = None) -> tupl
     raise ValueError(f"--step {step}: not in {str(checkpoint_dir(workdir))!r} "
                      f"(steps present: {', '.join(map(str, steps))})")
   manager = make_manager(workdir, read_only=True)
-  metadata = manager.item_metadata(step)["params"]
-  # Restore every array onto this host's first device (export runs on one machine).
-  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract)))
-  params = jax.tree.map(jax.device_get, restored["params"])
-  manager.close()
+  where = f"checkpoint {str(checkpoint_dir(workdir) / str(step))!r}"
+  others = [s for s in steps if s != step]
+  try:
+    metadata = manager.item_metadata(step)["params"]
+    # Restore every array onto this host's first device (export runs on one machine).
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract)))
+    params = jax.tree.map(jax.device_get, restored["params"])
+  except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many kinds
+    raise CorruptCheckpointError(
+        f"{where} is unreadable ({_what_is_wrong(e)}); pick another with --step "
+        f"(others present: {', '.join(map(str, others)) or 'none'})") from e
+  finally:
+    manager.close()
+  bad = first_non_finite(params)
+  if bad is not None:
+    # NaN weights would export and extract "successfully": refuse them here, for every reader.
+    raise NonFiniteStateError(
+        f"{where} holds NaN/Inf parameters (first at {bad}); refusing to use it; pick an "
+        f"earlier one with --step (others present: {', '.join(map(str, others)) or 'none'})")
   return params, step

@@ -73,6 +73,12 @@ def _check_spcl(config: ml_collections.ConfigDict) -> None:
 
 def _check_optim(config: ml_collections.ConfigDict) -> None:
   optim = config.optim
+  # A negative value would silently fall back to the base rate (learning_rate > 0 selects it).
+  _require(optim.learning_rate >= 0,
+           f"config.optim.learning_rate={optim.learning_rate!r} must be >= 0 (0 = use "
+           "config.optim.base_learning_rate)")
+  _require(optim.base_learning_rate >= 0,
+           f"config.optim.base_learning_rate={optim.base_learning_rate!r} must be >= 0")
   _require(optim.base_learning_rate > 0 or optim.learning_rate > 0,
            "config.optim.base_learning_rate or config.optim.learning_rate must be > 0")
   _require(0.0 <= optim.warmup_fraction < 1.0,

@@ -26,6 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from spcl_jax.atomic_file import check_writable, write_atomically
+from spcl_jax import cli_errors
+from spcl_jax.cli_errors import run_command
 from spcl_jax.data import sources
 from spcl_jax.data.decode import decode_image
 from spcl_jax.models.vit import encode_images
@@ -141,8 +144,7 @@ def _collect(pending: tuple[list[str], dict[str, jax.Array]], names: list[str],
 
 def check_out(out: str | os.PathLike[str]) -> pathlib.Path:
   out = pathlib.Path(out).expanduser()
-  if not out.parent.is_dir():
-    raise FileNotFoundError(f"--out {str(out)!r}: folder {str(out.parent)!r} does not exist")
+  check_writable(out)
   return out
 
 
@@ -153,15 +155,14 @@ def write_features(features: dict[str, np.ndarray], pretrained: PretrainedEncode
                     variant=np.asarray(pretrained.info["model"]["variant"]),
                     image_size=np.int64(pretrained.image_size),
                     workdir=np.asarray(str(pretrained.workdir.resolve())))
-  tmp = out.with_name(out.name + ".tmp")
-  with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to other names
-    np.savez(f, **features, **provenance)
-  tmp.replace(out)
-  return out
+  def write(tmp: pathlib.Path) -> None:
+    with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to other names
+      np.savez(f, **features, **provenance)
+  return write_atomically(out, write)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
+  parser = cli_errors.ArgumentParser(
       prog="python -m spcl_jax.extract",
       description="CLS features (and optionally mean patch tokens) of whole images.")
   parser.add_argument("--workdir", required=True, help="the pre-training workdir")
@@ -177,24 +178,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                       help="computation dtype; float32 reproduces the exported models")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
   return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
-  try:
+
+  def extract() -> int:
     check_out(args.out)  # before hours of extraction, not after
     source = open_images(args.images, args.data, args.split)
     pretrained = load_pretrained(args.workdir, args.step, dtype=args.dtype)
     features = extract_features(pretrained, source, batch_size=args.batch_size,
                                 mean_patch=args.mean_patch, progress=not args.no_progress)
     out = write_features(features, pretrained, args.out)
-  except (FileNotFoundError, ValueError, KeyError) as e:
-    print(f"extract failed: {e}", file=sys.stderr)
-    return 1
-  print(f"wrote {out}: {len(features['names'])} images, features of width "
-        f"{features['cls'].shape[1]} (checkpoint step {pretrained.step})")
-  return 0
+    print(f"wrote {out}: {len(features['names'])} images, features of width "
+          f"{features['cls'].shape[1]} (checkpoint step {pretrained.step})")
+    return 0
+  # One `error:` line naming the file or field, not a traceback (spcl_jax.cli_errors).
+  return run_command(extract, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from spcl_jax import cli_errors
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Python config file (configs/*.py).",
                                 lock_config=True)
@@ -22,12 +24,19 @@ flags.DEFINE_bool("distributed", False,
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed).")
 flags.DEFINE_integer("num_processes", None, "Total processes (with --distributed).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --distributed).")
+flags.DEFINE_integer("restore_step", None,
+                     "Resume from this checkpoint step instead of the latest; the checkpoints "
+                     "after it are moved to WORKDIR/checkpoints_superseded/.")
+flags.DEFINE_list("allow_config_change", [],
+                  "Config fields (e.g. seed,spcl.mask_ratio) a resume may change although "
+                  "they decide what is trained; recorded in WORKDIR/history.jsonl.")
+flags.DEFINE_bool("debug", False, "Print the full traceback of an error.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _fail(message: str) -> None:
   print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+  sys.exit(cli_errors.USAGE_EXIT_CODE)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -46,29 +55,30 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   # orbax and grain log every file operation at INFO through absl: keep warnings only.
   absl_logging.set_verbosity(absl_logging.WARNING)
+  sys.exit(cli_errors.run_command(_train, debug=FLAGS.debug))
+
+
+def _train() -> int:
   import jax  # pylint: disable=g-import-not-at-top
   if FLAGS.distributed:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id)
   from spcl_jax import train  # pylint: disable=g-import-not-at-top
-  from spcl_jax.configuration import ConfigError  # pylint: disable=g-import-not-at-top
   try:
     config = FLAGS.config
     config.get("model")  # the config file loads lazily: surface a missing/broken file here
   except (OSError, SyntaxError, ImportError) as e:
-    _fail(f"--config: {' '.join(str(e).split())}")
-  try:
-    summary = train.train_and_evaluate(config, FLAGS.workdir)
-  except (ConfigError, train.NonFiniteLossError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    raise cli_errors.UsageError(f"--config: {' '.join(str(e).split())}") from e
+  summary = train.train_and_evaluate(config, FLAGS.workdir, restore_step=FLAGS.restore_step,
+                                     allow_config_changes=FLAGS.allow_config_change)
   if jax.process_index() == 0:
     print("done: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()
                                if isinstance(v, (int, float))), flush=True)
+  return 0
 
 
 if __name__ == "__main__":

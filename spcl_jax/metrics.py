@@ -73,10 +73,43 @@ def format_duration(seconds: float) -> str:
   return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
 
 
-class MetricsWriter:
-  """metrics.jsonl (one flat JSON object a line), TensorBoard scalars and stdout, on process 0."""
+def keep_rows_through(path: pathlib.Path, last_kept_step: int | None) -> int:
+  """Rewrites metrics.jsonl without the rows the (re)started run will write again.
 
-  def __init__(self, workdir: str | pathlib.Path, *, total_steps: int, enabled: bool = True):
+  A run killed after its last checkpoint logged steps it will now redo: rows past the restored
+  step go (all rows on a start from scratch, `last_kept_step` None), as does a line cut short
+  by a kill. Returns how many rows were dropped.
+  """
+  if not path.is_file():
+    return 0
+  kept, dropped = [], 0
+  for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+      step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+      dropped += 1
+      continue
+    if last_kept_step is not None and step <= last_kept_step:
+      kept.append(line)
+    else:
+      dropped += 1
+  if dropped:
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
+  return dropped
+
+
+class MetricsWriter:
+  """metrics.jsonl (one flat JSON object a line), TensorBoard scalars and stdout, on process 0.
+
+  `resume_step`: the step the run restarts from (None: from scratch). Rows past it are dropped
+  from metrics.jsonl and hidden from TensorBoard (tensorboardX's `purge_step`), so after any
+  number of kills each (step, metric) appears once.
+  """
+
+  def __init__(self, workdir: str | pathlib.Path, *, total_steps: int, enabled: bool = True,
+               resume_step: int | None = None):
     self.enabled = enabled
     self.total_steps = total_steps
     self._start_time = time.time()
@@ -87,9 +120,12 @@ class MetricsWriter:
     if enabled:
       workdir = pathlib.Path(workdir)
       workdir.mkdir(parents=True, exist_ok=True)
+      keep_rows_through(workdir / "metrics.jsonl", resume_step)
       self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(str(workdir / "tensorboard"), flush_secs=30)
+      purge_step = 0 if resume_step is None else resume_step + 1
+      self._tb = SummaryWriter(str(workdir / "tensorboard"), flush_secs=30,
+                               purge_step=purge_step)
 
   def write(self, step: int, values: dict[str, Any]) -> None:
     if not self.enabled:

@@ -7,7 +7,11 @@
 
 Host syncs are lagged by one step: the loop reads step t's metrics after dispatching step t+1,
 so the accelerator never waits for Python. A non-finite loss stops the run before any checkpoint
-of the bad state is written.
+of the bad state is written, and `checkpoint.save` refuses a non-finite updated state.
+
+Run safety: nothing is written to WORKDIR before the config and the data source are validated;
+the run holds WORKDIR/lock.json (`workdir_lock`); a resume checks the recorded config
+(`run_info.check_resume`), restores the newest intact checkpoint and logs each step once.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ import numpy as np
 from clu import metrics as clu_metrics
 from jax.experimental import multihost_utils
 
-from spcl_jax import checkpoint, metrics, run_info, sharding, steps
-from spcl_jax.configuration import validate_config
+from spcl_jax import checkpoint, metrics, run_info, sharding, steps, workdir_lock
+from spcl_jax.configuration import ConfigError, validate_config
 from spcl_jax.data import pipeline
 from spcl_jax.data.sources import open_source
 
@@ -68,6 +72,9 @@ class _StopRequest:
   def __enter__(self):
     def handler(signum, frame):
       del frame
+      if self.requested:  # a second signal must not cut the save short
+        print(f"received signal {signum} again: still saving the checkpoint", flush=True)
+        return
       self.requested = True
       print(f"received signal {signum}: saving a checkpoint and stopping", flush=True)
     try:
@@ -135,39 +142,78 @@ class _Throughput:
     return {"images_per_sec": images_per_sec, "tflops_per_sec": flops / 1e12, "mfu": mfu}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Pre-trains (or resumes) in `workdir`; returns the last train and eval metrics."""
-  workdir = pathlib.Path(workdir).expanduser().resolve()
-  is_main = jax.process_index() == 0
-  mesh = sharding.make_mesh(config)
+def _validated_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  try:
+    mesh = sharding.make_mesh(config)
+  except ValueError as e:  # e.g. sharding.fsdp not dividing the devices
+    raise ConfigError(str(e)) from None
   validate_config(config, num_batch_shards=sharding.num_batch_shards(config, mesh),
                   process_count=jax.process_count())
-  if is_main:
-    workdir.mkdir(parents=True, exist_ok=True)
-    run_info.write_run_info(workdir, config)
-    print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} in "
-          f"{jax.process_count()} process(es), mesh {dict(mesh.shape)}; workdir {workdir}",
-          flush=True)
+  return mesh
 
+
+def _validated_data(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+  """(source, eval dataset): a missing or empty folder, or too few images, is a config error."""
+  try:
+    source = open_source(config.data.source)
+    eval_ds = pipeline.eval_dataset(config, process_index=jax.process_index(),
+                                    process_count=jax.process_count(), source=source)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if len(source) < config.batch_size:
+    log.warning("%s has %d images, fewer than batch_size=%d: batches repeat images, and a "
+                "repeated image is a false negative", source, len(source), config.batch_size)
+  return source, eval_ds
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       restore_step: int | None = None,
+                       allow_config_changes: tuple[str, ...] | list[str] = ()
+                       ) -> dict[str, Any]:
+  """Pre-trains (or resumes) in `workdir`; returns the last train and eval metrics.
+
+  `restore_step` resumes from that checkpoint instead of the newest intact one;
+  `allow_config_changes` names locked config fields this resume may change (run_info.LOCKED).
+  """
+  workdir = pathlib.Path(workdir).expanduser().resolve()
+  is_main = jax.process_index() == 0
+  mesh = _validated_mesh(config)
+  source, eval_ds = _validated_data(config)
+  # Validated: from here on the workdir is written, by one run at a time.
+  lock = workdir_lock.WorkdirLock(workdir) if is_main else None
+  if lock is not None:
+    lock.acquire()
+  try:
+    changes = run_info.check_resume(workdir, config, allow_config_changes) if is_main else []
+    if is_main:
+      checkpoint.remove_stale_tmp(workdir)
+      print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} in "
+            f"{jax.process_count()} process(es), mesh {dict(mesh.shape)}; workdir {workdir}",
+            flush=True)
+    return _train(config, workdir, mesh, source, eval_ds, restore_step, changes)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.sharding.Mesh,
+           source: Any, eval_ds: Any, restore_step: int | None,
+           changes: list[dict[str, Any]]) -> dict[str, Any]:
+  is_main = jax.process_index() == 0
   training = steps.build_training(config, mesh)
   abstract_state, shardings = training.abstract_state, training.shardings
   keys = _keys(config.seed)
 
-  source = open_source(config.data.source)
-  if len(source) < config.batch_size:
-    log.warning("%s has %d images, fewer than batch_size=%d: batches repeat images, and a "
-                "repeated image is a false negative", source, len(source), config.batch_size)
   train_iter = iter(pipeline.train_dataset(
       config, process_index=jax.process_index(), process_count=jax.process_count(),
       source=source))
-  eval_ds = pipeline.eval_dataset(config, process_index=jax.process_index(),
-                                  process_count=jax.process_count(), source=source)
 
   manager = checkpoint.make_manager(workdir, max_to_keep=config.max_checkpoints_to_keep)
-  last_checkpoint = manager.latest_step()
-  if last_checkpoint is not None:
-    params, opt_state, step = checkpoint.restore(
-        manager, last_checkpoint, abstract_state.params, abstract_state.opt_state, train_iter)
+  restored = checkpoint.restore_intact(workdir, manager, abstract_state.params,
+                                       abstract_state.opt_state, train_iter, restore_step)
+  last_checkpoint = None if restored is None else restored[2]
+  if restored is not None:
+    params, opt_state, step = restored
     state = steps.TrainState(step=jax.device_put(np.int32(step), shardings.step),
                              params=params, opt_state=opt_state)
     if is_main:
@@ -175,12 +221,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   else:
     state = training.init_state(keys["init"])
   start_step = int(jax.device_get(state.step))
+  if is_main:
+    run_info.record_start(workdir, config, start_step, changes, last_checkpoint)
   if start_step >= config.total_steps and is_main:
     print(f"nothing to do: the run in {workdir} is at step {start_step} and "
           f"config.total_steps={config.total_steps}; raise it to train further", flush=True)
 
   train_step, eval_step = training.train_step, training.eval_step
-  writer = metrics.MetricsWriter(workdir, total_steps=config.total_steps, enabled=is_main)
+  writer = metrics.MetricsWriter(workdir, total_steps=config.total_steps, enabled=is_main,
+                                 resume_step=last_checkpoint)
   throughput = _Throughput(config)
   last_train: dict[str, Any] = {}
   last_eval: dict[str, Any] = {}
@@ -226,13 +275,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if step % config.eval_every_steps == 0 or is_last:
           run_eval(step)
         if stopping:
-          print(f"stopped at step {step}; checkpoint saved, rerun the same command to resume",
-                flush=True)
           break
       if pending is not None:
         record_train(*pending)
-    if last_checkpoint != int(jax.device_get(state.step)):
-      save(int(jax.device_get(state.step)))
+      if last_checkpoint != int(jax.device_get(state.step)):
+        save(int(jax.device_get(state.step)))
+      # Still under the signal handler: a second SIGTERM cannot cut the save short.
+      manager.wait_until_finished()
+      if stop.requested:
+        print(f"stopped at step {last_checkpoint}; checkpoint saved, rerun the same command to "
+              "resume", flush=True)
   finally:
     # Also on errors: finish a checkpoint already being written, stop grain's workers.
     manager.wait_until_finished()

@@ -19,6 +19,7 @@ from absl import flags
 import ml_collections
 import numpy as np
 
+from spcl_jax.data import worker_lifetime
 from spcl_jax.data.decode import decode_image
 from spcl_jax.data.sources import ImageSource, open_source
 
@@ -86,7 +87,8 @@ def _with_workers(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
   # so take the defaults rather than fail.
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
-  return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
+                        worker_init_fn=worker_lifetime.exit_with_parent)
 
 
 def shuffle_seed(config: ml_collections.ConfigDict) -> int:

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 
+from spcl_jax import cli_errors
 from spcl_jax.data import decode
 from spcl_jax.data import splits as splits_lib
 from spcl_jax.data.datasets import DATASET_NAMES, dataset_module
@@ -35,7 +36,7 @@ VIEWS = ("frontal", "all")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="python -m spcl_jax.data.prepare", description=__doc__,
+  parser = cli_errors.ArgumentParser(prog="python -m spcl_jax.data.prepare", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("dataset", choices=DATASET_NAMES)
   parser.add_argument("--src", required=True, help="the raw download folder")
@@ -52,6 +53,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       help="frontal: PA/AP only (default); all: keep laterals (MIMIC "
                       "pre-training can then choose with prepared:...,views=all)")
   parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+  parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
   return parser.parse_args(argv)
 
 
@@ -235,11 +237,15 @@ def prepare(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  if args.workers < 1:
-    raise SystemExit("error: --workers must be >= 1")
-  report = prepare(args)
-  print_summary(report, pathlib.Path(args.out).expanduser())
-  return 0
+
+  def run() -> int:
+    if args.workers < 1:
+      raise cli_errors.UsageError("--workers must be >= 1")
+    report = prepare(args)
+    print_summary(report, pathlib.Path(args.out).expanduser())
+    return 0
+  # One `error:` line for anything unexpected too; the traceback only with --debug.
+  return cli_errors.run_command(run, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import pathlib
 
+from spcl_jax.atomic_file import check_writable
 from spcl_jax.export import layout, medical_mae, npz_format, timm_format
 from spcl_jax.pretrained import PretrainedEncoder, load_pretrained
 
@@ -35,8 +36,7 @@ def check_request(export_format: str, out: pathlib.Path, in_chans: int | None) -
     raise ValueError(f"--out {str(out)!r}: the {export_format} format writes a "
                      f"{SUFFIXES[export_format]} file, e.g. --out spcl_vit"
                      f"{SUFFIXES[export_format]}")
-  if not out.parent.is_dir():
-    raise FileNotFoundError(f"--out {str(out)!r}: folder {str(out.parent)!r} does not exist")
+  check_writable(out)
   if in_chans is not None and in_chans not in layout.SUPPORTED_IN_CHANS:
     raise ValueError(f"--in-chans {in_chans}: expected one of {layout.SUPPORTED_IN_CHANS}")
   if export_format == "medical_mae" and in_chans not in (None, medical_mae.IN_CHANS):

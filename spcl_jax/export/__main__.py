@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from spcl_jax import cli_errors
+from spcl_jax.cli_errors import run_command
 from spcl_jax.export import FORMATS, export_checkpoint
 from spcl_jax.export.layout import SUPPORTED_IN_CHANS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
+  parser = cli_errors.ArgumentParser(
       prog="python -m spcl_jax.export",
       description="Export the encoder of an S-PCL pre-training checkpoint to PyTorch.")
   parser.add_argument("--workdir", required=True, help="the pre-training workdir")
@@ -21,6 +23,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="timm: .safetensors + .json; medical_mae: .pth {'model': ...}; "
                            "npz: big_vision names, for timm's npz loader")
   parser.add_argument("--out", required=True, help="the file to write")
+  parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
   parser.add_argument("--in-chans", type=int, default=None, choices=SUPPORTED_IN_CHANS,
                       help="input channels of the exported patch embedding; 3 gives each "
                            "channel a third of the kernel (default: 3 for medical_mae, else "
@@ -30,16 +33,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
-  try:
+
+  def export() -> int:
     written = export_checkpoint(args.workdir, args.export_format, args.out, step=args.step,
                                 in_chans=args.in_chans)
-  except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
-    # One line naming the file or field, not a traceback, for the errors a user can fix.
-    print(f"export failed: {e}", file=sys.stderr)
-    return 1
-  for path in written:
-    print(f"wrote {path}")
-  return 0
+    for path in written:
+      print(f"wrote {path}")
+    return 0
+  # One `error:` line naming the file or field, not a traceback (spcl_jax.cli_errors).
+  return run_command(export, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import os
 import pathlib
 
 from spcl_jax.export.layout import timm_state_dict
+from spcl_jax.atomic_file import write_atomically
 from spcl_jax.export.timm_format import describe_export
 from spcl_jax.pretrained import PretrainedEncoder
 
@@ -40,7 +41,5 @@ def write_medical_mae(pretrained: PretrainedEncoder, out: str | os.PathLike[str]
       "model": {k: torch.from_numpy(v) for k, v in state.items()},
       "spcl_jax": describe_export(pretrained, "medical_mae", in_chans),
   }
-  tmp = out.with_name(out.name + ".tmp")
-  torch.save(checkpoint, tmp)
-  tmp.replace(out)
+  write_atomically(out, lambda tmp: torch.save(checkpoint, tmp))
   return [out]

@@ -18,6 +18,7 @@ from typing import Any
 import flax
 import numpy as np
 
+from spcl_jax.atomic_file import write_atomically
 from spcl_jax.export.layout import spread_over_channels
 from spcl_jax.models.vit import sincos_2d_posemb
 
@@ -49,12 +50,11 @@ def params_from_big_vision(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
 
 def write_npz(arrays: dict[str, np.ndarray], out: str | os.PathLike[str]) -> pathlib.Path:
   """Writes exactly `out` (np.savez on a path would append '.npz' to other names)."""
-  out = pathlib.Path(out)
-  tmp = out.with_name(out.name + ".tmp")
-  with open(tmp, "wb") as f:
-    np.savez(f, **arrays)
-  tmp.replace(out)  # atomic: an interrupted export never leaves a truncated file behind
-  return out
+  def write(tmp: pathlib.Path) -> None:
+    with open(tmp, "wb") as f:
+      np.savez(f, **arrays)
+  # atomic: an interrupted export never leaves a truncated file (or a stray .tmp) behind
+  return write_atomically(out, write)
 
 
 def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 import spcl_jax
+from spcl_jax.atomic_file import write_atomically
 from spcl_jax.export.layout import timm_kwargs, timm_state_dict
 from spcl_jax.pretrained import PretrainedEncoder
 
@@ -65,12 +66,12 @@ def write_timm(pretrained: PretrainedEncoder, out: str | os.PathLike[str], in_ch
   out = pathlib.Path(out)
   state = timm_state_dict(pretrained.params, pretrained.model.grid_size, in_chans)
   description = describe_export(pretrained, "timm", in_chans)
-  tmp = out.with_name(out.name + ".tmp")
   # The header metadata is informational (string values only); the JSON is the source of truth.
-  save_file(state, tmp, metadata={"format": "pt", "spcl_jax": json.dumps(description["source"])})
-  tmp.replace(out)
+  metadata = {"format": "pt", "spcl_jax": json.dumps(description["source"])}
+  write_atomically(out, lambda tmp: save_file(state, tmp, metadata=metadata))
   sidecar = sidecar_path(out)
-  sidecar.write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
+  write_atomically(sidecar, lambda tmp: tmp.write_text(
+      json.dumps(description, indent=2, sort_keys=True) + "\n"))
   return [out, sidecar]
 
 

@@ -1,0 +1,46 @@
+"""Writing an output file whole or not at all, with the permissions the user's umask gives.
+
+Every command that writes a result (export, extract) writes OUT.tmp, then renames it over OUT:
+an interrupted or failed write never leaves a truncated OUT, and the tmp file is removed on any
+failure. Some writers (safetensors) create files with mode 0600; the result gets the mode a
+plain `open()` would give (0666 minus the umask, normally 0644), like every other output.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Callable
+
+from spcl_jax.cli_errors import UsageError
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def check_writable(out: pathlib.Path, flag: str = "--out") -> None:
+  """Fails before any work if OUT cannot be written (a directory, no folder, no permission)."""
+  if out.is_dir():
+    raise UsageError(f"{flag} {str(out)!r} is a directory; give a file name inside it")
+  if not out.parent.is_dir():
+    raise UsageError(f"{flag} {str(out)!r}: folder {str(out.parent)!r} does not exist")
+  if not os.access(out.parent, os.W_OK | os.X_OK):
+    raise UsageError(f"{flag} {str(out)!r}: folder {str(out.parent)!r} is not writable")
+
+
+def write_atomically(out: str | os.PathLike[str], write: Callable[[pathlib.Path], None]
+                     ) -> pathlib.Path:
+  """Calls `write(tmp_path)`, then renames tmp to `out` with the umask's default mode."""
+  out = pathlib.Path(out)
+  tmp = out.with_name(out.name + ".tmp")
+  try:
+    write(tmp)
+    os.chmod(tmp, 0o666 & ~_umask())
+    tmp.replace(out)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+  return out

@@ -1,0 +1,88 @@
+"""One convention for how every command fails: `error: ...` on one line of stderr, no traceback.
+
+  exit 2  usage and config: a bad flag or argument, a bad config field (`ConfigError`), a
+          workdir whose recorded config forbids the change (`UsageError` subclasses)
+  exit 1  runtime: a missing or unreadable file, a corrupt checkpoint, a locked workdir, a
+          non-finite loss or state, and anything unexpected
+
+The traceback is printed only with `--debug`: a user who can fix the problem needs the one line;
+a bug report needs the traceback. The entry points (spcl_jax.main, data.prepare, export,
+extract) wrap their body in `run_command`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+USAGE_EXIT_CODE = 2
+RUNTIME_EXIT_CODE = 1
+DEBUG_FLAG = "--debug"
+
+
+class UsageError(ValueError):
+  """A command-line argument or config value the command cannot use (exit code 2)."""
+
+
+def _usage_error_types() -> tuple[type[BaseException], ...]:
+  # Imported here: this module must stay importable before jax (main's flag parsing).
+  from spcl_jax.configuration import ConfigError  # pylint: disable=g-import-not-at-top
+  return (UsageError, ConfigError)
+
+
+def exit_code_for(error: BaseException) -> int:
+  return USAGE_EXIT_CODE if isinstance(error, _usage_error_types()) else RUNTIME_EXIT_CODE
+
+
+def _is_expected(error: BaseException) -> bool:
+  """Errors whose message is the whole story: the user can act on it without a traceback."""
+  return isinstance(error, (OSError, ValueError, KeyError, FloatingPointError, ImportError))
+
+
+def one_line(error: BaseException) -> str:
+  """The message on one line; an unexpected error is also named by its type."""
+  message = error.args[0] if isinstance(error, KeyError) and len(error.args) == 1 else error
+  text = " ".join(str(message).split())
+  if _is_expected(error) and text:
+    return text
+  return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def report(error: BaseException, debug: bool = False) -> int:
+  """Prints the error (and with `debug` its traceback) to stderr; returns the exit code."""
+  if debug:
+    traceback.print_exception(error, file=sys.stderr)
+  hint = "" if debug or _is_expected(error) else f" (rerun with {DEBUG_FLAG} for the traceback)"
+  print(f"error: {one_line(error)}{hint}", file=sys.stderr, flush=True)
+  return exit_code_for(error)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse with the one-line error convention (argparse prints the usage block too)."""
+
+  def error(self, message: str):
+    print(f"error: {' '.join(message.split())} (see {self.prog} --help)", file=sys.stderr,
+          flush=True)
+    sys.exit(USAGE_EXIT_CODE)
+
+
+def pop_debug_flag(argv: Sequence[str]) -> tuple[list[str], bool]:
+  """argv without `--debug`, and whether it was there (for commands whose parser lacks it)."""
+  argv = list(argv)
+  debug = DEBUG_FLAG in argv
+  return [a for a in argv if a != DEBUG_FLAG], debug
+
+
+def run_command(body: Callable[[], int | None], debug: bool = False) -> int:
+  """Runs a command's body; every exception becomes one `error:` line and an exit code."""
+  try:
+    return int(body() or 0)
+  except KeyboardInterrupt:
+    print("error: interrupted", file=sys.stderr, flush=True)
+    return 130
+  except SystemExit:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # the point: no traceback by default
+    return report(e, debug)
