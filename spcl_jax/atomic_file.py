@@ -27,8 +27,16 @@ def check_writable(out: pathlib.Path, flag: str = "--out") -> None:
     raise UsageError(f"{flag} {str(out)!r} is a directory; give a file name inside it")
   if not out.parent.is_dir():
     raise UsageError(f"{flag} {str(out)!r}: folder {str(out.parent)!r} does not exist")
-  if not os.access(out.parent, os.W_OK | os.X_OK):
-    raise UsageError(f"{flag} {str(out)!r}: folder {str(out.parent)!r} is not writable")
+  # Try it: permission bits say nothing for root, nor for read-only or special file systems.
+  probe = out.with_name(out.name + ".tmp")
+  try:
+    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+  except FileExistsError:
+    return  # a tmp file left by an interrupted write: overwritten by the next write
+  except OSError as e:
+    raise UsageError(f"{flag} {str(out)!r}: cannot write in folder {str(out.parent)!r} "
+                     f"({e.strerror})") from None
+  probe.unlink()
 
 
 def write_atomically(out: str | os.PathLike[str], write: Callable[[pathlib.Path], None]
@@ -40,7 +48,9 @@ def write_atomically(out: str | os.PathLike[str], write: Callable[[pathlib.Path]
     write(tmp)
     os.chmod(tmp, 0o666 & ~_umask())
     tmp.replace(out)
-  except BaseException:
+  except BaseException as e:
     tmp.unlink(missing_ok=True)
+    if isinstance(e, OSError) and e.strerror:
+      raise OSError(e.errno, f"cannot write {str(out)!r}: {e.strerror}") from e
     raise
   return out

@@ -16,9 +16,10 @@ and the newest intact one is used instead. orbax tmp folders left by a killed sa
 
 from __future__ import annotations
 
-import logging
+import json
 import pathlib
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -27,8 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-
-log = logging.getLogger("spcl_jax")
 
 LAYOUT_VERSION = 1
 ITEM_NAMES = ("params", "opt_state", "data", "meta")
@@ -118,7 +117,21 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
 
 def _what_is_wrong(error: BaseException) -> str:
   text = " ".join(str(error).split())
+  text = text.split(" See full TensorStore details")[0]  # then a page of driver spec
   return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
+
+
+def _check_json_files(step_dir: pathlib.Path) -> None:
+  """orbax reports a cut-short JSON file as a bare JSONDecodeError: name the file instead."""
+  for path in sorted(step_dir.rglob("*")):
+    if path.is_file() and (path.suffix == ".json" or path.name in (
+        "metadata", "_CHECKPOINT_METADATA", "_METADATA")):
+      try:
+        json.loads(path.read_bytes())
+      except ValueError as e:
+        raise CorruptCheckpointError(
+            f"checkpoint {str(step_dir)!r}: {str(path.relative_to(step_dir))!r} is not valid "
+            f"JSON ({e})") from None
 
 
 def _move_aside(workdir: pathlib.Path, step: int, folder: str) -> pathlib.Path:
@@ -132,7 +145,9 @@ def _move_aside(workdir: pathlib.Path, step: int, folder: str) -> pathlib.Path:
 def restore_checked(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
                     abstract_opt_state: Any, data_iterator: Any) -> tuple[Any, Any, int]:
   """`restore`, turning any failure and any non-finite value into CorruptCheckpointError."""
-  where = f"checkpoint {str(pathlib.Path(manager.directory) / str(step))!r}"
+  step_dir = pathlib.Path(manager.directory) / str(step)
+  where = f"checkpoint {str(step_dir)!r}"
+  _check_json_files(step_dir)
   try:
     params, opt_state, restored_step = restore(manager, step, abstract_params,
                                                abstract_opt_state, data_iterator)
@@ -169,8 +184,8 @@ def restore_intact(workdir: str | pathlib.Path, manager: ocp.CheckpointManager,
                                data_iterator)
     for later in (s for s in present if s > chosen_step):
       moved = _move_aside(workdir, later, SUPERSEDED_DIR)
-      log.warning("restoring the chosen step %d: checkpoint %d moved to %s", chosen_step,
-                  later, moved)
+      print(f"WARNING: restoring the chosen step {chosen_step}: checkpoint {later} moved to "
+            f"{moved}", file=sys.stderr, flush=True)
     manager.reload()
     return restored
   for step in reversed(present):
@@ -179,12 +194,9 @@ def restore_intact(workdir: str | pathlib.Path, manager: ocp.CheckpointManager,
     except CorruptCheckpointError as e:
       moved = _move_aside(workdir, step, CORRUPT_DIR)
       older = [s for s in present if s < step]
-      log.warning("%s; moved it to %s and %s", e, moved,
-                  f"trying step {older[-1]}" if older else "no older checkpoint is left: "
-                  "starting from scratch")
-      print(f"WARNING: {e}; moved to {moved}; "
-            + (f"falling back to step {older[-1]}" if older else "no intact checkpoint left, "
-               "training starts from step 0"), flush=True)
+      print(f"WARNING: {e}; moved it to {moved}; "
+            + (f"falling back to step {older[-1]}" if older else "no intact checkpoint is "
+               "left: training starts from step 0"), file=sys.stderr, flush=True)
       manager.reload()
   return None
 
@@ -198,7 +210,7 @@ def remove_stale_tmp(workdir: str | pathlib.Path) -> list[pathlib.Path]:
       shutil.rmtree(path, ignore_errors=True)
     else:
       path.unlink(missing_ok=True)
-    log.warning("removed %s, left by a save that did not finish", path)
+    print(f"removed {path}, left by a save that did not finish", flush=True)
   return stale
 
 
