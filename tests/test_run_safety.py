@@ -406,11 +406,15 @@ def start_trainer(workdir: pathlib.Path, *extra: str) -> subprocess.Popen:
       env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
-def wait_for_train_rows(proc: subprocess.Popen, workdir: pathlib.Path, rows: int) -> None:
+def wait_for_train_rows(proc: subprocess.Popen, workdir: pathlib.Path, rows: int,
+                        checkpointed: bool = False) -> None:
+  """Until metrics.jsonl has `rows` train rows (and, if asked, a checkpoint is complete)."""
   metrics = workdir / "metrics.jsonl"
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
-    if metrics.is_file() and sum('"loss"' in l for l in metrics.read_text().splitlines()) >= rows:
+    if (metrics.is_file()
+        and sum('"loss"' in l for l in metrics.read_text().splitlines()) >= rows
+        and (not checkpointed or checkpoint.available_steps(workdir))):
       return
     time.sleep(0.2)
   raise AssertionError(f"no {rows} train rows: {proc.poll()} {proc.stderr.read()[-3000:]}")
@@ -461,7 +465,7 @@ def test_two_sigterms_finish_the_save_and_the_rerun_resumes_it(tmp_path):
 def test_kill_9_leaves_no_worker_behind_and_the_rerun_resumes(tmp_path, capsys):
   workdir = tmp_path / "run"
   proc = start_trainer(workdir, "--config.data.num_workers=1", "--config.checkpoint_every_steps=2")
-  wait_for_train_rows(proc, workdir, 3)
+  wait_for_train_rows(proc, workdir, 3, checkpointed=True)
   workers = descendants(proc.pid)
   assert workers, "grain started no worker process"
   proc.kill()
