@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from spcl_jax import checkpoint, run_info, train
+from spcl_jax import accelerator_time, checkpoint, run_info, train
 from spcl_jax.configuration import ConfigError
 
 
@@ -76,6 +76,11 @@ def test_restart_after_a_checkpoint_logs_identical_losses(finished_run, tmp_path
   assert sorted(again) == list(range(11, 31))
   for step in range(11, 31):
     assert again[step] == pytest.approx(original[step], abs=1e-6), step
+  # The copied accelerator_time.json gains this session: hours add up over restarts.
+  first, both = (accelerator_time.read_accelerator_time(w) for w in (workdir, resumed))
+  assert len(both["sessions"]) == 2 and both["sessions"][0] == first["sessions"][0]
+  assert both["accelerator_seconds"] == pytest.approx(
+      first["accelerator_seconds"] + 8 * both["sessions"][1]["wall_seconds"])
 
 
 def test_params_restore_alone_for_export(finished_run):
