@@ -129,7 +129,7 @@ def plot(coordinates: np.ndarray, labels: Sequence[str], out: pathlib.Path, titl
   labels = np.asarray(labels)
   size = float(np.clip(3000 / len(labels), 2, 30))  # small dots for 10k points, visible for 16
   fig, ax = plt.subplots(figsize=(7, 6), dpi=150)
-  colours = plt.get_cmap("tab10")
+  colours = matplotlib.colormaps["tab10"]
   for i, (label, count) in enumerate(legend_order(labels)):
     points = coordinates[labels == label]
     ax.scatter(points[:, 0], points[:, 1], s=size, alpha=0.7, color=colours(i % 10),

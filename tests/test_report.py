@@ -134,22 +134,23 @@ def test_all_four_tables_from_results_files(runs_root):
   assert list(table3["vitb512"])[2:] == [c.replace("_", " ") for c in NIH] + ["mAUC"]
   assert table3["vitb512"]["Pleural Thickening"] == f"{100 * class_aucs(NIH, 0.84)['Pleural_Thickening']:.2f}"
 
-  assert table4["vitb512"]["MGCA-style 1%"] == "38.00"
-  assert table4["vitb512"]["UperNet 512 100%"] == "65.00"
+  assert table4["vitb512"]["MGCA-style 1%"] == "19.00"  # dice_positive, the default
+  assert table4["vitb512"]["UperNet 512 100%"] == "32.50"
   assert table4["vitb512"]["MGCA-style 100%"] == "" and table4["mu64"]["UperNet 512 100%"] == ""
   trivial = table4[tables.TRIVIAL_ROW]
-  assert trivial["MGCA-style 1%"] == "75.00" and trivial["MGCA-style 10%"] == ""
+  assert trivial["MGCA-style 1%"] == "0.00" and trivial["MGCA-style 10%"] == ""
 
 
 def test_selection_and_dice_options_pick_other_numbers(runs_root):
   built, _ = report_cli.build([str(runs_root["ft"])], selection="last_epoch",
-                              dice_metric="dice_positive", per_class_fraction=1)
+                              dice_metric="dice_per_image", per_class_fraction=1)
   table1, table2, table3, table4 = (by_method(t) for t in built)
   assert table1["random init"]["RSNA Pneu. 100%"] == "50.00"  # test_at_last_epoch
-  assert table4["vitb512"]["MGCA-style 1%"] == f"{100 * (0.19 - 0.1):.2f}"
+  assert table4["vitb512"]["MGCA-style 1%"] == f"{100 * (0.38 - 0.1):.2f}"
+  assert table4[tables.TRIVIAL_ROW]["MGCA-style 1%"] == "75.00"
   assert table3["vitb512"]["Atelectasis"] == f"{100 * (0.78 - 0.1):.2f}"  # the 1% run
   assert table2["vitb512"]["Atelectasis"] == ""  # no 1% CheXpert run
-  assert "Dice (%) as dice_positive" in built[3].markdown()
+  assert "Dice (%): dice_per_image, the per-image Dice over all" in built[3].markdown()
 
 
 def test_a_missing_run_is_an_empty_cell(runs_root, tmp_path, capsys):
