@@ -29,7 +29,9 @@ def read_rows(path):
 def one_openmp_thread():
   """scikit-learn's t-SNE threads gain nothing on 16 points, and on a busy 2-core machine
   waiting OpenMP and BLAS threads cost seconds per run."""
+  import sklearn.manifold  # pylint: disable=g-import-not-at-top,unused-import
   from threadpoolctl import threadpool_limits  # pylint: disable=g-import-not-at-top
+  # Only libraries already loaded are limited: scikit-learn's OpenMP comes with its import.
   with threadpool_limits(limits=1):
     yield
 
@@ -151,3 +153,14 @@ def test_perplexity_is_clamped_below_the_number_of_points():
   assert tsne.effective_perplexity(30, 10_000) == 30.0
   with pytest.raises(ValueError, match="at least 4 images, got 3"):
     tsne.effective_perplexity(30, 3)
+
+
+def test_embedding_sees_directions_only():
+  """Features are L2-normalised first: rescaling an image's feature moves nothing."""
+  rng = np.random.default_rng(1)
+  features = rng.normal(size=(10, 8))
+  scaled = features * rng.uniform(0.1, 10.0, size=(10, 1))
+  np.testing.assert_allclose(tsne.embed(scaled, 3.0, seed=0), tsne.embed(features, 3.0, seed=0),
+                             atol=1e-4)
+  with pytest.raises(ValueError, match="all-zero rows"):
+    tsne.embed(np.zeros((5, 8)), 1.0, seed=0)

@@ -114,15 +114,20 @@ def backbone_name(variant: str) -> str:
 
 def describe_pretraining(workdir: pathlib.Path, label: str) -> Method:
   """GFLOPs from the run's config (spcl_jax.metrics), hours from accelerator_time.json."""
-  info = run_info.read_run_info(workdir)
-  config = ml_collections.ConfigDict(info["config"])
+  path = workdir / run_info.FILENAME
+  try:  # not read_run_info: its checkpoint-layout check does not matter to a table
+    info = json.loads(path.read_text())
+    config = ml_collections.ConfigDict(info["config"])
+    variant = info["model"]["variant"]
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"{path}: not a pre-training config.json ({e!r})") from e
   timing = accelerator_time.read_accelerator_time(workdir)
   hours = accelerators = None
   if timing is not None:
     hours = timing["accelerator_seconds"] / 3600
     accelerators = " + ".join(dict.fromkeys(
         f"{s['num_devices']} x {s['device_kind']}" for s in timing["sessions"]))
-  return Method(label=label, backbone=backbone_name(info["model"]["variant"]),
+  return Method(label=label, backbone=backbone_name(variant),
                 train_gflops_per_image=metrics.train_flops_per_image(config) / 1e9,
                 view_forward_gflops=metrics.view_forward_flops(config) / 1e9,
                 accelerator_hours=hours, accelerators=accelerators or "")
