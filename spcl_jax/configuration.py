@@ -59,6 +59,9 @@ def _check_spcl(config: ml_collections.ConfigDict) -> None:
     masking.view_size(num_patches, spcl.mask_ratio)
   except ValueError as e:
     raise ConfigError(f"config.spcl.mask_ratio={spcl.mask_ratio!r}: {e}") from None
+  _require(spcl.similarity in losses.SIMILARITIES,
+           f"config.spcl.similarity={spcl.similarity!r} must be one of "
+           f"{tuple(losses.SIMILARITIES)}")
   _require(spcl.kappa > 0, f"config.spcl.kappa={spcl.kappa!r} must be > 0")
   _require(spcl.init_temperature > 0,
            f"config.spcl.init_temperature={spcl.init_temperature!r} must be > 0")

@@ -102,7 +102,7 @@ def sharded_loss_fn(mesh: Mesh, config: ml_collections.ConfigDict) -> Callable[.
   """spcl_loss_and_retrieval under shard_map: local z rows, negatives from every device."""
   axes = sharding.batch_axes(config)
   loss = functools.partial(
-      losses.spcl_loss_and_retrieval, kappa=config.spcl.kappa,
+      losses.spcl_loss_and_retrieval, similarity=losses.similarity_from_config(config.spcl),
       negatives=config.spcl.negatives, axis_name=axes, max_scale=config.spcl.max_scale)
   return jax.shard_map(loss, mesh=mesh, in_specs=(P(axes), P(axes), P()),
                        out_specs=(P(), P()))

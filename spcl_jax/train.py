@@ -28,7 +28,8 @@ import numpy as np
 from clu import metrics as clu_metrics
 from jax.experimental import multihost_utils
 
-from spcl_jax import checkpoint, metrics, run_info, sharding, steps, workdir_lock
+from spcl_jax import (accelerator_time, checkpoint, metrics, run_info, sharding, steps,
+                      workdir_lock)
 from spcl_jax.configuration import ConfigError, validate_config
 from spcl_jax.data import pipeline
 from spcl_jax.data.sources import open_source
@@ -190,7 +191,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} in "
             f"{jax.process_count()} process(es), mesh {dict(mesh.shape)}; workdir {workdir}",
             flush=True)
-    return _train(config, workdir, mesh, source, eval_ds, restore_step, changes)
+    clock = accelerator_time.AcceleratorClock.for_this_job(workdir)  # accelerator_time.json
+    return _train(config, workdir, mesh, source, eval_ds, restore_step, changes, clock)
   finally:
     if lock is not None:
       lock.release()
@@ -198,7 +200,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.sharding.Mesh,
            source: Any, eval_ds: Any, restore_step: int | None,
-           changes: list[dict[str, Any]]) -> dict[str, Any]:
+           changes: list[dict[str, Any]],
+           clock: accelerator_time.AcceleratorClock) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   training = steps.build_training(config, mesh)
   abstract_state, shardings = training.abstract_state, training.shardings
@@ -248,6 +251,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
       last_train = {**values, **throughput.measure(step)}
       writer.write(step, last_train)
       writer.progress(step, last_train)
+      clock.update()
 
   def save(step: int) -> None:
     nonlocal last_checkpoint
@@ -289,6 +293,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
     # Also on errors: finish a checkpoint already being written, stop grain's workers.
     manager.wait_until_finished()
     manager.close()
+    clock.update()
     writer.close()
     if hasattr(train_iter, "close"):
       train_iter.close()

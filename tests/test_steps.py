@@ -61,7 +61,7 @@ def reference_loss(config, model, params, images, key):
     view = np.take_along_axis(patches, idx[..., None], axis=1)
     z.append(apply({"params": params["encoder"]}, view, idx)[:, 0])
   return losses.spcl_loss_and_retrieval(
-      z[0], z[1], params["log_scale"], kappa=config.spcl.kappa,
+      z[0], z[1], params["log_scale"], similarity=losses.similarity_from_config(config.spcl),
       negatives=config.spcl.negatives, max_scale=config.spcl.max_scale)
 
 
@@ -136,7 +136,8 @@ def test_loss_cosine_matmul_asks_for_highest_precision():
   # for it itself (TF32 / one bf16 pass put self-cosines above 1 on accelerators).
   z = jnp.ones((4, 8))
   with jax.default_matmul_precision("default"):
-    jaxpr = jax.make_jaxpr(lambda a, b: losses.spcl_loss(a, b, jnp.float32(1.0), kappa=0.1))(z, z)
+    jaxpr = jax.make_jaxpr(lambda a, b: losses.spcl_loss(
+        a, b, jnp.float32(1.0), similarity=losses.cosine_similarity))(z, z)
   dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
   assert dots and all(e.params["precision"] == (jax.lax.Precision.HIGHEST,) * 2 for e in dots)
 

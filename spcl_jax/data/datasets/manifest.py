@@ -73,10 +73,6 @@ class Problems:
   def names(self, kind: str) -> list[str]:
     return [item["name"] for item in self.items.get(kind, ())]
 
-  def merge(self, other: "Problems") -> None:
-    for kind, items in other.items.items():
-      self.items.setdefault(kind, []).extend(items)
-
   def to_json(self) -> dict[str, dict]:
     return {kind: {"count": len(items), "meaning": PROBLEM_KINDS[kind], "items": items}
             for kind, items in sorted(self.items.items())}
