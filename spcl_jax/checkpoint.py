@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 LAYOUT_VERSION = 1
 ITEM_NAMES = ("params", "opt_state", "data", "meta")
@@ -182,16 +183,24 @@ def restore_intact(workdir: str | pathlib.Path, manager: ocp.CheckpointManager,
           f"{', '.join(map(str, present)) or 'none'})")
     restored = restore_checked(manager, chosen_step, abstract_params, abstract_opt_state,
                                data_iterator)
-    for later in (s for s in present if s > chosen_step):
+    for later in (s for s in present if s > chosen_step and jax.process_index() == 0):
       moved = _move_aside(workdir, later, SUPERSEDED_DIR)
       print(f"WARNING: restoring the chosen step {chosen_step}: checkpoint {later} moved to "
             f"{moved}", file=sys.stderr, flush=True)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("checkpoints after --restore_step moved aside")
     manager.reload()
     return restored
   for step in reversed(present):
     try:
       return restore_checked(manager, step, abstract_params, abstract_opt_state, data_iterator)
     except CorruptCheckpointError as e:
+      if jax.process_count() > 1:
+        # Each process restores its own data item; a fallback must be one step for all, and
+        # moving folders is process 0's alone: let the user choose it.
+        raise CorruptCheckpointError(
+            f"{e}; with several processes choose an intact step with --restore_step "
+            f"(steps present: {', '.join(map(str, present))})") from e
       moved = _move_aside(workdir, step, CORRUPT_DIR)
       older = [s for s in present if s < step]
       print(f"WARNING: {e}; moved it to {moved}; "

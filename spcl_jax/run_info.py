@@ -39,7 +39,8 @@ LOCKED = ("seed", "model.", "spcl.", "batch_size", "grad_accum_steps", "accumula
 FREE = ("total_steps", "log_every_steps", "eval_every_steps", "eval_batches",
         "checkpoint_every_steps", "max_checkpoints_to_keep", "model.remat",
         "model.attention_impl", "data.num_workers", "data.read_threads",
-        "data.prefetch_buffer_size", "sharding.", "peak_flops_per_device")
+        "data.prefetch_buffer_size", "sharding.", "peak_flops_per_device",
+        "evals.")  # evaluators read the state, never change it
 # Free, but the learning-rate schedule is a function of it: say so.
 FREE_WITH_WARNING = {"total_steps": "the learning-rate schedule (warmup, cosine decay) is "
                                     "computed from total_steps, so it changes from here on"}

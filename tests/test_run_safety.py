@@ -303,6 +303,42 @@ def test_a_resume_keeps_the_locked_fields_and_records_every_change(base_run, tmp
   assert (workdir / "config.json").read_bytes() == config_json
 
 
+def test_every_config_field_is_classified_for_resume():
+  """A new config field must be put in run_info.LOCKED or FREE on purpose (unlisted: locked)."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  fields = run_info.flatten(json.loads(default.get_config().to_json_best_effort()))
+  unclassified = [f for f in fields if not run_info.is_free(f)
+                  and not any(run_info._matches(f, e) for e in run_info.LOCKED)]  # pylint: disable=protected-access
+  assert not unclassified
+  assert run_info.is_free("model.remat") and not run_info.is_free("model.dtype")
+  assert not run_info.is_free("optim.learning_rate") and run_info.is_free("total_steps")
+
+
+PREPARE_ERRORS = [
+    # (name, argv, exit code, message fragment)
+    ("no workers", ["nih_chestxray14", "--src", "{tmp}", "--out", "{tmp}/out", "--workers", "0"],
+     2, "--workers must be >= 1"),
+    ("unknown dataset", ["nih", "--src", "{tmp}", "--out", "{tmp}/out"], 2, "invalid choice"),
+    ("source not a folder", ["nih_chestxray14", "--src", "{tmp}/none", "--out", "{tmp}/out"], 1,
+     "is not a folder"),
+]
+
+
+@pytest.mark.parametrize("name,argv,code,fragment", PREPARE_ERRORS,
+                         ids=[r[0] for r in PREPARE_ERRORS])
+def test_prepare_errors_are_one_line(tmp_path, capsys, name, argv, code, fragment):
+  del name
+  from spcl_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  try:
+    got = prepare.main([a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err
+  except SystemExit as e:  # prepare's own checks exit with their message
+    got, err = (e.code, capsys.readouterr().err) if isinstance(e.code, int) else (1, str(e.code))
+  assert got == code
+  assert_one_error_line(err, fragment)
+  assert not (tmp_path / "out").exists()
+
+
 # --- export and extract --------------------------------------------------------------------
 
 def write_workdir(path: pathlib.Path, encoder_params) -> pathlib.Path:
