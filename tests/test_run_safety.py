@@ -482,15 +482,20 @@ def alive(pid: int) -> bool:
   return state != "Z"
 
 
-def test_two_sigterms_finish_the_save_and_the_rerun_resumes_it(tmp_path):
+def test_repeated_sigterms_do_not_cut_the_save_short(tmp_path):
+  """SIGTERM every 50 ms until the trainer exits: the ones that land while the checkpoint is
+  written are ignored, so it completes; "checkpoint saved" is printed once it has. (One landing
+  after the trainer let go of the handler, with the save done, may still end it: -SIGTERM.)"""
   workdir = tmp_path / "run"
   proc = start_trainer(workdir, "--config.checkpoint_every_steps=1000")
   wait_for_train_rows(proc, workdir, 3)
-  proc.send_signal(signal.SIGTERM)
-  time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)  # impatience must not cut the save short
-  stdout, stderr = proc.communicate(timeout=120)
-  assert proc.returncode == 0, stderr[-3000:]
+  deadline = time.time() + 120
+  while proc.poll() is None and time.time() < deadline:
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+  stdout, stderr = proc.communicate(timeout=10)
+  assert proc.returncode in (0, -signal.SIGTERM), stderr[-3000:]
+  assert "still saving the checkpoint" in stdout
   (step,) = checkpoint.available_steps(workdir)
   assert f"stopped at step {step}; checkpoint saved" in stdout
   assert not list(checkpoint.checkpoint_dir(workdir).glob(f"*{checkpoint.TMP_MARKER}*"))
