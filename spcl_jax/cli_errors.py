@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 USAGE_EXIT_CODE = 2
 RUNTIME_EXIT_CODE = 1
@@ -66,13 +66,6 @@ class ArgumentParser(argparse.ArgumentParser):
     print(f"error: {' '.join(message.split())} (see {self.prog} --help)", file=sys.stderr,
           flush=True)
     sys.exit(USAGE_EXIT_CODE)
-
-
-def pop_debug_flag(argv: Sequence[str]) -> tuple[list[str], bool]:
-  """argv without `--debug`, and whether it was there (for commands whose parser lacks it)."""
-  argv = list(argv)
-  debug = DEBUG_FLAG in argv
-  return [a for a in argv if a != DEBUG_FLAG], debug
 
 
 def run_command(body: Callable[[], int | None], debug: bool = False) -> int:

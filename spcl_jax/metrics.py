@@ -77,12 +77,12 @@ def format_duration(seconds: float) -> str:
   return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
 
 
-def keep_rows_through(path: pathlib.Path, last_kept_step: int | None) -> int:
+def drop_rows_from(path: pathlib.Path, first_new_step: int) -> int:
   """Rewrites metrics.jsonl without the rows the (re)started run will write again.
 
-  A run killed after its last checkpoint logged steps it will now redo: rows past the restored
-  step go (all rows on a start from scratch, `last_kept_step` None), as does a line cut short
-  by a kill. Returns how many rows were dropped.
+  A run killed after its last checkpoint logged steps it will now redo: rows at steps >=
+  `first_new_step` go (0 on a start from scratch, S + 1 on a resume from step S), as does a line
+  cut short by a kill. Returns how many rows were dropped.
   """
   if not path.is_file():
     return 0
@@ -93,7 +93,7 @@ def keep_rows_through(path: pathlib.Path, last_kept_step: int | None) -> int:
     except (ValueError, KeyError, TypeError):
       dropped += 1
       continue
-    if last_kept_step is not None and step <= last_kept_step:
+    if isinstance(step, int) and step < first_new_step:
       kept.append(line)
     else:
       dropped += 1
@@ -107,13 +107,14 @@ def keep_rows_through(path: pathlib.Path, last_kept_step: int | None) -> int:
 class MetricsWriter:
   """metrics.jsonl (one flat JSON object a line), TensorBoard scalars and stdout, on process 0.
 
-  `resume_step`: the step the run restarts from (None: from scratch). Rows past it are dropped
-  from metrics.jsonl and hidden from TensorBoard (tensorboardX's `purge_step`), so after any
-  number of kills each (step, metric) appears once.
+  `first_new_step`: the first step this run writes (0 from scratch, S + 1 resuming from step S).
+  Rows at that step and after are dropped from metrics.jsonl and hidden from TensorBoard
+  (tensorboardX's `purge_step`), so after any number of kills each (step, metric) appears once.
+  None (e.g. a reader appending evaluations) keeps every row.
   """
 
   def __init__(self, workdir: str | pathlib.Path, *, total_steps: int, enabled: bool = True,
-               resume_step: int | None = None):
+               first_new_step: int | None = None):
     self.enabled = enabled
     self.total_steps = total_steps
     self._start_time = time.time()
@@ -124,12 +125,12 @@ class MetricsWriter:
     if enabled:
       workdir = pathlib.Path(workdir)
       workdir.mkdir(parents=True, exist_ok=True)
-      keep_rows_through(workdir / "metrics.jsonl", resume_step)
+      if first_new_step is not None:
+        drop_rows_from(workdir / "metrics.jsonl", first_new_step)
       self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      purge_step = 0 if resume_step is None else resume_step + 1
       self._tb = SummaryWriter(str(workdir / "tensorboard"), flush_secs=30,
-                               purge_step=purge_step)
+                               purge_step=first_new_step)
 
   def write(self, step: int, values: dict[str, Any]) -> None:
     if not self.enabled:

@@ -231,8 +231,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
           f"config.total_steps={config.total_steps}; raise it to train further", flush=True)
 
   train_step, eval_step = training.train_step, training.eval_step
-  writer = metrics.MetricsWriter(workdir, total_steps=config.total_steps, enabled=is_main,
-                                 resume_step=last_checkpoint)
+  writer = metrics.MetricsWriter(  # drops the rows of steps this run will redo
+      workdir, total_steps=config.total_steps, enabled=is_main,
+      first_new_step=0 if last_checkpoint is None else last_checkpoint + 1)
   throughput = _Throughput(config)
   last_train: dict[str, Any] = {}
   last_eval: dict[str, Any] = {}

@@ -220,6 +220,19 @@ def test_resume_after_faults_is_exact_and_logs_each_step_once(base_run, tmp_path
   assert (workdir / workdir_lock.FILENAME).read_text() == ""  # released
 
 
+@pytest.mark.parametrize("first_new_step,kept", [(3, [0, 1, 2]), (0, []), (None, [0, 1, 2, 3, 4])])
+def test_metrics_rows_a_restart_redoes_are_dropped(tmp_path, first_new_step, kept):
+  from spcl_jax import metrics  # pylint: disable=g-import-not-at-top
+  rows = [json.dumps({"step": s, "loss": 1.0}) for s in range(5)]
+  (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + "\n" + '{"step": 5, "lo')
+  metrics.MetricsWriter(tmp_path, total_steps=9, first_new_step=first_new_step).close()
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  if first_new_step is None:  # a reader appending (e.g. evaluations) keeps everything
+    assert lines == rows + ['{"step": 5, "lo']
+  else:
+    assert [json.loads(line)["step"] for line in lines] == kept
+
+
 # --- one-line errors of the trainer; nothing written on a failed start ------------------------
 
 TRAIN_ERRORS = [
