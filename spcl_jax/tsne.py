@@ -29,6 +29,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from spcl_jax import cli_errors
+
 NO_FINDING, DISEASE, UNLABELLED = "No Finding", "Disease", "all images"
 MIN_POINTS = 4  # t-SNE needs a few neighbours per point
 
@@ -207,7 +209,7 @@ def features_from_workdir(args: argparse.Namespace):
 # ---- command line ---------------------------------------------------------------------------
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="python -m spcl_jax.tsne",
+  parser = cli_errors.ArgumentParser(prog="python -m spcl_jax.tsne",
                                    description="t-SNE scatter of pre-trained features (Figure 3).")
   parser.add_argument("--workdir", help="the pre-training workdir (features computed here)")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
@@ -229,6 +231,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--feature", default="cls", choices=("cls", "mean_patch"))
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--no-progress", action="store_true")
+  parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
   args = parser.parse_args(argv)
   if (args.workdir is None) == (args.features is None):
     parser.error("give exactly one of --workdir (with --images or --data) and --features")
@@ -270,14 +273,14 @@ def run(args: argparse.Namespace) -> tuple[pathlib.Path, pathlib.Path, list[tupl
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
-  try:
+
+  def tsne() -> int:
     figure, table, counts = run(args)
-  except (FileNotFoundError, ValueError, KeyError) as e:
-    print(f"tsne failed: {e}", file=sys.stderr)
-    return 1
-  summary = ", ".join(f"{label} (n={count})" for label, count in counts)
-  print(f"wrote {figure} and {table}: {summary}")
-  return 0
+    summary = ", ".join(f"{label} (n={count})" for label, count in counts)
+    print(f"wrote {figure} and {table}: {summary}")
+    return 0
+  # One `error:` line naming the file or field, not a traceback (spcl_jax.cli_errors).
+  return cli_errors.run_command(tsne, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
+from spcl_jax import cli_errors
 from spcl_jax.report import runs, tables
 
 RUNS_COLUMNS = ("results", "method", "task", "protocol", "label_fraction", "split_scheme",
@@ -75,7 +76,7 @@ def write(out: pathlib.Path, built: list[tables.Table], lines: list[dict[str, ob
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="python -m spcl_jax.report",
+  parser = cli_errors.ArgumentParser(prog="python -m spcl_jax.report",
                                    description="The paper's Tables 1-4 from results.json files.")
   parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                       help="fine-tuning workdir, results.json, or a folder of runs")
@@ -91,22 +92,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="Table 4's Dice (default: mean over test images with a pneumothorax, "
                       "the metric segmentation selects on; dice_per_image averages over all "
                       "images, empty ones included, as MGCA/MedKLIP)")
+  parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
   return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
-  try:
+
+  def report() -> int:
     built, lines = build(args.run_dirs, names=args.name, selection=args.at,
                          per_class_fraction=args.per_class_fraction, dice_metric=args.dice)
     combined = write(pathlib.Path(args.out).expanduser(), built, lines)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"report failed: {e}", file=sys.stderr)
-    return 1
-  print(combined)
-  print(f"wrote {len(built)} tables (.md, .csv), tables.md and runs.csv to {args.out} from "
-        f"{len(lines)} results file(s)")
-  return 0
+    print(combined)
+    print(f"wrote {len(built)} tables (.md, .csv), tables.md and runs.csv to {args.out} from "
+          f"{len(lines)} results file(s)")
+    return 0
+  # One `error:` line naming the file or field, not a traceback (spcl_jax.cli_errors).
+  return cli_errors.run_command(report, debug=args.debug)
 
 
 if __name__ == "__main__":
