@@ -155,10 +155,15 @@ def test_splits_only_refuses_an_unfinished_or_other_folder(nih, tmp_path):
     prepare.main(["nih_chestxray14", "--out", str(tmp_path / "x")])
 
 
-def test_lists_sharing_a_patient_are_an_error_naming_it():
+def test_lists_sharing_a_patient_are_an_error_naming_it(tmp_path):
   patient_of = {"a": "p1", "b": "p1", "c": "p2"}
   with pytest.raises(ValueError, match="patient 'p1' is in both split 'official train_val list'"):
     splits.official_splits(["a", "c"], ["b"], patient_of)
+  write_nih(tmp_path / "raw")
+  with open(tmp_path / "raw/test_list.txt", "a") as f:  # one image of a train_val patient
+    f.write(f"{nih_name(2, 0)}\n")
+  with pytest.raises(SystemExit, match="error: .*raw.*patient '2' is in both"):
+    run_prepare("nih_chestxray14", tmp_path / "raw", tmp_path / "out")
 
 
 # --- CheXpert: valid.csv (frontal) is the test set ----------------------------------------------

@@ -103,6 +103,15 @@ def make_splits(module, manifest: mf.Manifest, views: str) -> dict[str, list[str
   return splits
 
 
+def splits_or_exit(module, manifest: mf.Manifest, views: str, src: pathlib.Path
+                   ) -> dict[str, list[str]]:
+  """make_splits, with a metadata error (e.g. a patient in both official lists) as one line."""
+  try:
+    return make_splits(module, manifest, views)
+  except ValueError as e:
+    raise SystemExit(f"error: {str(src)!r}: {e}") from None
+
+
 def _settings_of(args: argparse.Namespace) -> dict:
   return {"dataset": args.dataset, "views": args.views,
           **dataclasses.asdict(records.EncodeSettings(args.image_size, args.encoding,
@@ -213,7 +222,7 @@ def prepare(args: argparse.Namespace) -> dict:
   start = time.time()
   module = dataset_module(args.dataset)
   metadata = module.read_manifest(src, check_files=False)
-  splits = make_splits(module, metadata, args.views)
+  splits = splits_or_exit(module, metadata, args.views, src)
   manifest = module.read_manifest(src, check_files=True)
   # Records in name order: the same record indices for every copy of the metadata.
   selected = sorted(select_views(manifest.entries, args.views, manifest.problems),
@@ -256,7 +265,7 @@ def rewrite_splits(args: argparse.Namespace) -> dict:
   module = dataset_module(args.dataset)
   metadata = module.read_manifest(src, check_files=False)
   views = report["settings"]["views"]
-  splits = make_splits(module, metadata, views)
+  splits = splits_or_exit(module, metadata, views, src)
   split_dir = out / "splits"
   # A file that is not in the new SHA256SUMS could not be verified: remove it.
   stale = sorted(p for p in split_dir.glob("*.txt") if p.stem not in splits)

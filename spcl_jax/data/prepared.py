@@ -259,8 +259,9 @@ def read_split_lists(folder: PreparedFolder, split_files) -> dict[str, list[str]
     if missing:
       line, name = missing[0]
       raise ValueError(f"{str(path)!r} line {line}: image {name!r} is not in the prepared "
-                       f"folder {str(folder.out_dir)!r} (not in its splits/all.txt; "
-                       f"{len(missing)} of the file's {len(listed)} names are unknown)")
+                       f"folder {str(folder.out_dir)!r} (not in its splits/all.txt, prepared "
+                       f"with --views {folder.report['settings'].get('views')}; {len(missing)} "
+                       f"of the file's {len(listed)} names are unknown)")
     for line, name in listed:
       if name in seen:
         other_split, other_file, other_line = seen[name]

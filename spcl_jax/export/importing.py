@@ -58,7 +58,7 @@ def _is_square(n: int) -> bool:
 
 def _heads_for_width(width: int, path: pathlib.Path) -> int:
   """The head count of the standard variant of this width (mu, Ti, S, B, L: head dim 64)."""
-  for name, (w, _, heads, _) in VARIANTS.items():
+  for w, _, heads, _ in VARIANTS.values():
     if w == width:
       return heads
   raise ValueError(f"{str(path)!r}: cannot tell the number of attention heads of a {width}-wide "
