@@ -36,7 +36,7 @@ def write_nih(root, *, lists=True, row_order_seed=None):
       rows.append(fx.nih_row(name, findings, patient))
       (test if patient in NIH_TEST_PATIENTS else train_val).append(name)
       if not (root / "images" / name).exists():
-        fx.write_png(root / "images" / name, fx.gradient(40, 40, patient * 3 + k))
+        fx.write_png(root / "images" / name, fx.gradient(64, 64, patient * 3 + k))
   if row_order_seed is not None:
     random.Random(row_order_seed).shuffle(rows)
   fx.write_csv(root / "Data_Entry_2017_v2020.csv", fx.NIH_HEADER, rows)
@@ -180,7 +180,7 @@ def test_chexpert_official_test_is_valid_csv_frontal(tmp_path):
         rows[split].append(fx.chexpert_row(prefix, split, patient, study, view, frontal, cells))
         kind = "frontal" if frontal else "lateral"
         fx.write_jpeg(tmp_path / f"raw/{prefix}/{split}/patient{patient:05d}/study{study}/"
-                      f"view{view}_{kind}.jpg", fx.gradient(40, 48, patient * 5 + study))
+                      f"view{view}_{kind}.jpg", fx.gradient(64, 72, patient * 5 + study))
   for split in rows:
     fx.write_csv(tmp_path / f"raw/{prefix}/{split}.csv", fx.CHEXPERT_HEADER, rows[split])
   run_prepare("chexpert", tmp_path / "raw", tmp_path / "out")
