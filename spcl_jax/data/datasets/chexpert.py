@@ -9,7 +9,7 @@ Quirks (METHOD §7):
 - No patient column: the patient is the patientNNNNN part of the path.
 - train.csv and valid.csv are pooled before the 7:2:1 split; frontal views only. The official
   scheme keeps them apart instead (`official_lists`): valid.csv is the test set, as in Medical
-  MAE and the competition, and validation is carved by patient out of train.csv.
+  MAE, and validation is carved by patient out of train.csv.
 - Label cells: 1 positive, 0 negative, -1 uncertain, blank = not mentioned (-> 0 as a target).
   The uncertainty policy is a reader option (`targets`), so one preparation serves every policy.
 """
