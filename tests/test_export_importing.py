@@ -54,7 +54,7 @@ def test_one_channel_exports_import_to_identical_params(exported, fmt):
   assert info["model"]["variant"] == VARIANT and info["model"]["channels"] == 1
   assert info["pos_embedding_is_sincos"] and not info["cls_position_folded"]
   np.testing.assert_array_equal(info["pos_embedding"][0], sincos_2d_posemb(4, 64))
-  assert info["extras"] == {} and info["ignored"] == []
+  assert info["extras"] == {} and info["ignored"] == [] and not info["encoder_norm_is_identity"]
 
 
 @pytest.mark.parametrize("fmt", ["timm3", "medical_mae"])
@@ -194,6 +194,18 @@ def test_avg_pool_classifier_brings_fc_norm_and_head(tmp_path):
   params, info = import_encoder(tmp_path / "classifier.safetensors")
   np.testing.assert_array_equal(params["Transformer"]["encoder_norm"]["scale"], np.ones(64))
   np.testing.assert_array_equal(params["Transformer"]["encoder_norm"]["bias"], np.zeros(64))
+  assert info["encoder_norm_is_identity"]
   np.testing.assert_array_equal(info["extras"]["head"]["kernel"], state["head.weight"].numpy().T)
   np.testing.assert_array_equal(info["extras"]["fc_norm"]["scale"],
                                 state["fc_norm.weight"].numpy())
+
+
+def test_encoder_without_final_norm_exports_without_norm(exported):
+  # A classifier pooled through fc_norm keeps no encoder_norm; timm has no `norm` then.
+  from spcl_jax.export import layout
+  _, params, _ = exported
+  trimmed = {**params, "Transformer": {k: v for k, v in params["Transformer"].items()
+                                       if k != "encoder_norm"}}
+  state = layout.timm_state_dict(trimmed, grid_size=4, in_chans=1)
+  assert "norm.weight" not in state and "blocks.1.mlp.fc2.bias" in state
+  assert set(layout.timm_state_dict(params, 4, 1)) - set(state) == {"norm.weight", "norm.bias"}

@@ -24,7 +24,7 @@ encoder has no parameter for is handled so that the imported model computes what
   - A classifier's `fc_norm` and `head` (timm global_pool='avg', Medical MAE fine-tuned models)
     are returned in info["extras"] in flax layout ({"scale", "bias"}, {"kernel" (D, K), "bias"});
     when such a model has no final `norm` (timm makes it the identity), encoder_norm is set to the
-    identity (scale 1, bias 0).
+    identity (scale 1, bias 0) and info["encoder_norm_is_identity"] is True.
 Every error names the file and the key or shape at fault.
 """
 
@@ -194,7 +194,8 @@ def _split_state(state: dict[str, np.ndarray], arch: dict[str, int], path: pathl
   if unknown:
     raise ValueError(f"{str(path)!r}: unknown key(s) {sorted(unknown)[:6]} ({len(unknown)} in "
                      "all): not part of a timm ViT encoder, classifier or MAE decoder")
-  if "norm.weight" not in encoder and "fc_norm.weight" in extras:
+  identity_norm = "norm.weight" not in encoder and "fc_norm.weight" in extras
+  if identity_norm:
     # timm's global_pool='avg' with fc_norm makes the final norm the identity: keep it so.
     encoder["norm.weight"] = np.ones(arch["width"], np.float32)
     encoder["norm.bias"] = np.zeros(arch["width"], np.float32)
@@ -208,7 +209,7 @@ def _split_state(state: dict[str, np.ndarray], arch: dict[str, int], path: pathl
       raise ValueError(f"{str(path)!r}: {key} has shape {tuple(encoder[key].shape)}, expected "
                        f"{expected} (width {arch['width']}, mlp {arch['mlp_dim']}, patch "
                        f"{arch['patch_size']}, {arch['channels']} channels)")
-  return encoder, extras, sorted(ignored)
+  return encoder, extras, sorted(ignored), identity_norm
 
 
 def _split_pos_embed(pos: np.ndarray | None, description: dict, arch: dict[str, int],
@@ -294,7 +295,7 @@ def import_encoder(path: str | os.PathLike[str], *, in_chans: int | None = 1,
   state, description = reader(path)
   state = {k: np.asarray(v, np.float32) for k, v in state.items()}
   arch = _architecture(state, description, num_heads, path)
-  encoder, extras, ignored = _split_state(state, arch, path)
+  encoder, extras, ignored, identity_norm = _split_state(state, arch, path)
   cls_row, table = _split_pos_embed(encoder.pop("pos_embed", None), description, arch, path)
   params = layout.params_from_timm(encoder, arch["depth"], arch["num_heads"])
   if cls_row is not None:
@@ -321,6 +322,7 @@ def import_encoder(path: str | os.PathLike[str], *, in_chans: int | None = 1,
       "pos_embedding": target_table[None], "pos_embedding_is_sincos": is_sincos,
       "cls_position_folded": cls_row is not None and bool(np.any(cls_row)),
       "extras": _flax_extras(extras), "ignored": ignored,
+      "encoder_norm_is_identity": identity_norm,
   }
   return params, info
 

@@ -104,16 +104,19 @@ def _block_entries(i: int) -> list[Entry]:
 QKV = ("query", "key", "value")
 
 
-def encoder_table(depth: int) -> list[Entry]:
-  """Every encoder parameter of a depth-`depth` ViT. pos_embed is not in it: in this project
-  positions are a fixed table, not a parameter (see `pos_embed_with_cls_row`)."""
+def encoder_table(depth: int, final_norm: bool = True) -> list[Entry]:
+  """Every encoder parameter of a depth-`depth` ViT (`final_norm=False`: without the final
+  LayerNorm, as in a classifier pooled through fc_norm, where timm has no `norm`). pos_embed is
+  not in it: in this project positions are a fixed table, not a parameter (see
+  `pos_embed_with_cls_row`)."""
   table = [Entry("cls_token", ("cls",), "copy"),
            Entry("patch_embed.proj.weight", ("embedding/kernel",), "patch"),
            Entry("patch_embed.proj.bias", ("embedding/bias",), "copy")]
   for i in range(depth):
     table += _block_entries(i)
-  table += [Entry("norm.weight", ("Transformer/encoder_norm/scale",), "copy"),
-            Entry("norm.bias", ("Transformer/encoder_norm/bias",), "copy")]
+  if final_norm:
+    table += [Entry("norm.weight", ("Transformer/encoder_norm/scale",), "copy"),
+              Entry("norm.bias", ("Transformer/encoder_norm/bias",), "copy")]
   return table
 
 
@@ -167,8 +170,10 @@ def timm_state_dict(params: dict[str, Any], grid_size: int, in_chans: int
   flat = {k: np.asarray(v) for k, v in
           flax.traverse_util.flatten_dict(params, sep="/").items()}
   flat["embedding/kernel"] = spread_over_channels(flat["embedding/kernel"], in_chans)
+  # A classifier pooled with fc_norm has no final norm (timm's `norm` is then the identity).
+  final_norm = "encoder_norm" in params["Transformer"]
   state = {entry.timm_key: to_timm(entry.kind, [flat[p] for p in entry.paths])
-           for entry in encoder_table(num_blocks(params))}
+           for entry in encoder_table(num_blocks(params), final_norm)}
   state["pos_embed"] = pos_embed_with_cls_row(grid_size, flat["embedding/kernel"].shape[-1])
   # Contiguous float32: safetensors refuses strided views, torch.load keeps whatever it gets.
   return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}
