@@ -76,7 +76,12 @@ def nih(tmp_path_factory):
   before = {"records": _tree_digest(root / "out/tfds"),
             "index": (root / "out/records.csv").read_bytes(),
             "stems": sorted(p.stem for p in (root / "out/splits").glob("*.txt"))}
+  with pytest.raises(ValueError) as no_official:
+    LabelledSource(root / "out", split="test", scheme="official")
+  before["error"] = str(no_official.value)
   write_nih(root / "raw", lists=True)
+  # A split file an older version defined: not in the new SHA256SUMS, so it must go.
+  (root / "out/splits/obsolete.txt").write_text("00000001_000.png\n")
   assert prepare.main(["nih_chestxray14", "--out", str(root / "out"), "--splits-only"]) == 0
   return root, before
 
@@ -85,9 +90,12 @@ def test_splits_only_adds_official_splits_and_leaves_records_untouched(nih, caps
   root, before = nih
   out = root / "out"
   assert "official_train" not in before["stems"]
+  assert "has no split 'official_test'" in before["error"]
+  assert "train_val_list.txt" in before["error"] and "--splits-only" in before["error"]
   assert _tree_digest(out / "tfds") == before["records"]
   assert (out / "records.csv").read_bytes() == before["index"]
   stems = sorted(p.stem for p in (out / "splits").glob("*.txt"))
+  assert "obsolete" not in stems
   assert set(stems) == set(before["stems"]) | {
       *OFFICIAL, "official_train_10pct", "official_train_1pct", "official_train_val",
       "official_test"}
