@@ -1,9 +1,10 @@
-"""Run safety: every fault of issue 11 injected on purpose, and what must hold afterwards.
+"""Run safety of training: every fault of issue 11 injected on purpose, and what must hold after.
 
 One table per kind of fault, a row per fault: the command (in-process through the CLI's
-`main()` or `train_and_evaluate`; a subprocess only for signals and kill -9), the expected exit
-code and message, and the state afterwards (checkpoint intact or absent, resumed losses equal to
-the uninterrupted run's, logs holding each (step, kind) once, nothing written on a failed start).
+`main()`), the expected exit code and message, and the state afterwards (checkpoint intact or
+absent, resumed losses equal to the uninterrupted run's, logs holding each (step, kind) once,
+nothing written on a failed start). Export, extract, prepare, signals and kill -9 are in
+test_run_safety_commands.py.
 """
 
 from __future__ import annotations
@@ -12,85 +13,14 @@ import json
 import os
 import pathlib
 import shutil
-import signal
-import struct
-import subprocess
-import sys
-import time
 
-import flax
-import jax.numpy as jnp
-import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from absl import flags
 
-from export_fixtures import make_config, random_encoder_params
+from run_safety_fixtures import (BASE, CORRUPTIONS, assert_one_error_line, call_main,
+                                 metric_keys, read_metrics, run_main, tensorboard_scalars,
+                                 truncate_params)
 from spcl_jax import checkpoint, run_info, sharding, steps, workdir_lock
-from spcl_jax import main as train_cli
 from spcl_jax.data import pipeline
-from spcl_jax.export.__main__ import main as export_main
-from spcl_jax.extract import main as extract_main
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEMO = str(ROOT / "configs" / "demo.py")
-# 4 steps of the demo at 64 px, checkpoints at 2 and 4, every step logged, eval at 0, 2, 4.
-BASE = ["--config.model.image_size=64", "--config.total_steps=4", "--config.log_every_steps=1",
-        "--config.checkpoint_every_steps=2", "--config.eval_every_steps=2"]
-
-
-def call_main(*args: str) -> int:
-  """`python -m spcl_jax.main --config=configs/demo.py ARGS` in this process; the exit code."""
-  argv = ["spcl_jax.main", f"--config={DEMO}", *args]
-  flags.FLAGS.unparse_flags()
-  for name in [n for n in flags.FLAGS if n.startswith("config.")]:
-    delattr(flags.FLAGS, name)  # the previous parse's override flags; defined again below
-  saved, sys.argv = sys.argv, argv  # ml_collections reads the --config.x overrides there
-  try:
-    with pytest.raises(SystemExit) as exit_info:
-      train_cli.main(train_cli.parse_flags(argv))
-  finally:
-    sys.argv = saved
-  return exit_info.value.code or 0
-
-
-def run_main(capsys, *args: str) -> tuple[int, str, str]:
-  code = call_main(*args)
-  captured = capsys.readouterr()
-  return code, captured.out, captured.err
-
-
-def assert_one_error_line(err: str, fragment: str) -> None:
-  errors = [line for line in err.splitlines() if line.startswith("error:")]
-  assert len(errors) == 1 and fragment in errors[0], err[-2000:]
-  assert "Traceback" not in err
-
-
-def read_metrics(workdir: pathlib.Path) -> list[dict]:
-  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-
-
-def metric_keys(records: list[dict]) -> list[tuple[int, str]]:
-  """(step, kind) of each row; kind is 'train' or 'eval'."""
-  return [(r["step"], "eval" if "eval_loss" in r else "train") for r in records]
-
-
-def tensorboard_scalars(workdir: pathlib.Path) -> list[tuple[str, int]]:
-  """(tag, step) TensorBoard shows: files in order, a purge at step T hides earlier steps >= T."""
-  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
-  shown: list[tuple[str, int]] = []
-  for path in sorted((workdir / "tensorboard").glob("events.out.tfevents.*")):
-    data = path.read_bytes()
-    offset = 0
-    while offset < len(data):
-      (length,) = struct.unpack("<Q", data[offset:offset + 8])
-      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
-      offset += 12 + length + 4
-      if event.HasField("session_log") and event.session_log.status == event.session_log.START:
-        shown = [(tag, step) for tag, step in shown if step < event.step]
-      for value in event.summary.value:
-        shown.append((value.tag, event.step))
-  return shown
 
 
 @pytest.fixture(scope="module")
@@ -106,43 +36,6 @@ def copy_of(base: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
   copy = tmp_path / "run"
   shutil.copytree(base, copy)
   return copy
-
-
-# --- corrupting a checkpoint -----------------------------------------------------------------
-
-def _largest(folder: pathlib.Path) -> pathlib.Path:
-  return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-
-
-def truncate_params(step_dir):
-  data = _largest(step_dir / "params")
-  data.write_bytes(data.read_bytes()[:1000])
-
-
-def flip_params(step_dir):
-  data = _largest(step_dir / "params")
-  raw = bytearray(data.read_bytes())
-  for i in range(2000, len(raw), 97):
-    raw[i] ^= 0xFF
-  data.write_bytes(bytes(raw))
-
-
-def delete_opt_state(step_dir):
-  shutil.rmtree(step_dir / "opt_state")
-
-
-def truncate_meta(step_dir):
-  meta = step_dir / "meta" / "metadata"
-  meta.write_bytes(meta.read_bytes()[:5])
-
-
-CORRUPTIONS = {
-    # name: (how, a fragment of the message naming what is wrong)
-    "truncated params": (truncate_params, "is unreadable"),
-    "flipped params": (flip_params, "is unreadable"),
-    "deleted item": (delete_opt_state, "opt_state"),
-    "truncated meta/metadata": (truncate_meta, "'meta/metadata' is not valid JSON"),
-}
 
 
 @pytest.mark.parametrize("name", CORRUPTIONS)
@@ -324,204 +217,3 @@ def test_every_config_field_is_classified_for_resume():
   assert not unclassified
   assert run_info.is_free("model.remat") and not run_info.is_free("model.dtype")
   assert not run_info.is_free("optim.learning_rate") and run_info.is_free("total_steps")
-
-
-PREPARE_ERRORS = [
-    # (name, argv, exit code, message fragment)
-    ("no workers", ["nih_chestxray14", "--src", "{tmp}", "--out", "{tmp}/out", "--workers", "0"],
-     2, "--workers must be >= 1"),
-    ("unknown dataset", ["nih", "--src", "{tmp}", "--out", "{tmp}/out"], 2, "invalid choice"),
-    ("source not a folder", ["nih_chestxray14", "--src", "{tmp}/none", "--out", "{tmp}/out"], 1,
-     "is not a folder"),
-]
-
-
-@pytest.mark.parametrize("name,argv,code,fragment", PREPARE_ERRORS,
-                         ids=[r[0] for r in PREPARE_ERRORS])
-def test_prepare_errors_are_one_line(tmp_path, capsys, name, argv, code, fragment):
-  del name
-  from spcl_jax.data import prepare  # pylint: disable=g-import-not-at-top
-  try:
-    got = prepare.main([a.format(tmp=tmp_path) for a in argv])
-    err = capsys.readouterr().err
-  except SystemExit as e:  # prepare's own checks exit with their message
-    got, err = (e.code, capsys.readouterr().err) if isinstance(e.code, int) else (1, str(e.code))
-  assert got == code
-  assert_one_error_line(err, fragment)
-  assert not (tmp_path / "out").exists()
-
-
-# --- export and extract --------------------------------------------------------------------
-
-def write_workdir(path: pathlib.Path, encoder_params) -> pathlib.Path:
-  """config.json and a params-only checkpoint at step 7, bypassing checkpoint.save's check."""
-  run_info.write_run_info(path, make_config("mu/16", 64))
-  manager = checkpoint.make_manager(path)
-  manager.save(7, args=ocp.args.Composite(params=ocp.args.StandardSave(
-      {"encoder": encoder_params, "log_scale": jnp.float32(2.0)})))
-  manager.wait_until_finished()
-  manager.close()
-  return path
-
-
-@pytest.fixture(scope="module")
-def exportable(tmp_path_factory):
-  return write_workdir(tmp_path_factory.mktemp("ok") / "run",
-                       random_encoder_params(make_config("mu/16", 64)))
-
-
-@pytest.fixture(scope="module")
-def poisoned(tmp_path_factory):
-  params = random_encoder_params(make_config("mu/16", 64))
-  flat = flax.traverse_util.flatten_dict(params, sep="/")
-  flat["Transformer/encoder_norm/scale"][3] = np.inf
-  return write_workdir(tmp_path_factory.mktemp("nan") / "run",
-                       flax.traverse_util.unflatten_dict(flat, sep="/"))
-
-
-def export(capsys, workdir, out, *extra):
-  code = export_main(["--workdir", str(workdir), "--format", "timm", "--out", str(out), *extra])
-  captured = capsys.readouterr()
-  return code, captured.err
-
-
-def test_export_and_extract_refuse_non_finite_parameters(poisoned, tmp_path, capsys):
-  code, err = export(capsys, poisoned, tmp_path / "x.safetensors")
-  assert code == 1
-  assert_one_error_line(err, "holds NaN/Inf parameters (first at ['encoder']['Transformer']")
-  code = extract_main(["--workdir", str(poisoned), "--images", str(ROOT / "spcl_jax/data/sample"),
-                       "--out", str(tmp_path / "f.npz"), "--no-progress"])
-  assert code == 1
-  assert_one_error_line(capsys.readouterr().err, "NaN/Inf")
-  assert sorted(os.listdir(tmp_path)) == []
-
-
-def _unwritable(tmp_path):
-  return pathlib.Path("/proc/spcl_vit.safetensors")  # no file can be created there, even by root
-
-
-def _directory(tmp_path):
-  (tmp_path / "dir.safetensors").mkdir()
-  return tmp_path / "dir.safetensors"
-
-
-EXPORT_OUTS = [
-    ("a directory", _directory, 2, "is a directory"),
-    ("an unwritable folder", _unwritable, 2, "cannot write in folder '/proc'"),
-]
-
-
-@pytest.mark.parametrize("name,out,code,fragment", EXPORT_OUTS, ids=[r[0] for r in EXPORT_OUTS])
-def test_export_to_a_path_it_cannot_write_is_one_line_and_leaves_nothing(
-    exportable, tmp_path, capsys, name, out, code, fragment):
-  del name
-  target = out(tmp_path)
-  got, err = export(capsys, exportable, target)
-  assert got == code
-  assert_one_error_line(err, fragment)
-  assert not list(target.parent.glob("*.tmp"))
-
-
-def test_export_of_a_corrupt_checkpoint_is_one_line(exportable, tmp_path, capsys):
-  workdir = tmp_path / "run"
-  shutil.copytree(exportable, workdir)
-  truncate_params(checkpoint.checkpoint_dir(workdir) / "7")
-  code, err = export(capsys, workdir, tmp_path / "x.safetensors")
-  assert code == 1
-  assert_one_error_line(err, "checkpoint")
-  assert "is unreadable" in err and "pick another with --step" in err
-  code, err = export(capsys, workdir, tmp_path / "x.safetensors", "--debug")
-  assert code == 1 and "Traceback" in err  # --debug shows where
-
-
-def test_exported_files_get_the_umask_mode(exportable, tmp_path, capsys):
-  code, _ = export(capsys, exportable, tmp_path / "x.safetensors")
-  assert code == 0
-  umask = os.umask(0)
-  os.umask(umask)
-  for name in ("x.safetensors", "x.json"):
-    assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
-
-
-# --- signals and kill -9 (subprocesses) ------------------------------------------------------
-
-def start_trainer(workdir: pathlib.Path, *extra: str) -> subprocess.Popen:
-  return subprocess.Popen(
-      [sys.executable, "-m", "spcl_jax.main", f"--config={DEMO}", f"--workdir={workdir}",
-       "--config.model.image_size=64", "--config.total_steps=100000",
-       "--config.log_every_steps=1", *extra],
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"})
-
-
-def wait_for_train_rows(proc: subprocess.Popen, workdir: pathlib.Path, rows: int) -> None:
-  metrics = workdir / "metrics.jsonl"
-  deadline = time.time() + 240
-  while time.time() < deadline and proc.poll() is None:
-    if metrics.is_file() and sum('"loss"' in l for l in metrics.read_text().splitlines()) >= rows:
-      return
-    time.sleep(0.2)
-  raise AssertionError(f"no {rows} train rows: {proc.poll()} {proc.stderr.read()[-3000:]}")
-
-
-def descendants(pid: int) -> set[int]:
-  children: dict[int, list[int]] = {}
-  for entry in pathlib.Path("/proc").iterdir():
-    try:
-      stat = (entry / "stat").read_text()
-    except (OSError, ValueError):
-      continue
-    if entry.name.isdigit():
-      ppid = int(stat.rsplit(")", 1)[1].split()[1])
-      children.setdefault(ppid, []).append(int(entry.name))
-  found, todo = set(), [pid]
-  while todo:
-    for child in children.get(todo.pop(), []):
-      found.add(child)
-      todo.append(child)
-  return found
-
-
-def alive(pid: int) -> bool:
-  try:
-    state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-  except OSError:
-    return False
-  return state != "Z"
-
-
-def test_repeated_sigterms_do_not_cut_the_save_short(tmp_path):
-  """SIGTERM every 50 ms until the trainer exits: the ones that land while the checkpoint is
-  written are ignored, so it completes; "checkpoint saved" is printed once it has. (One landing
-  after the trainer let go of the handler, with the save done, may still end it: -SIGTERM.)"""
-  workdir = tmp_path / "run"
-  proc = start_trainer(workdir, "--config.checkpoint_every_steps=1000")
-  wait_for_train_rows(proc, workdir, 3)
-  deadline = time.time() + 120
-  while proc.poll() is None and time.time() < deadline:
-    proc.send_signal(signal.SIGTERM)
-    time.sleep(0.05)
-  stdout, stderr = proc.communicate(timeout=10)
-  assert proc.returncode in (0, -signal.SIGTERM), stderr[-3000:]
-  assert "still saving the checkpoint" in stdout
-  (step,) = checkpoint.available_steps(workdir)
-  assert f"stopped at step {step}; checkpoint saved" in stdout
-  assert not list(checkpoint.checkpoint_dir(workdir).glob(f"*{checkpoint.TMP_MARKER}*"))
-  params, _ = checkpoint.restore_params(workdir, step)  # intact
-  assert np.isfinite(params["log_scale"])
-
-
-def test_kill_9_leaves_no_worker_behind(tmp_path):
-  """The resume after such a kill (lock of a dead PID, tmp folder, extra rows) is the
-  `test_resume_after_faults...` row above, in-process."""
-  workdir = tmp_path / "run"
-  proc = start_trainer(workdir, "--config.data.num_workers=1")
-  wait_for_train_rows(proc, workdir, 2)
-  workers = descendants(proc.pid)
-  assert workers, "grain started no worker process"
-  proc.kill()
-  proc.communicate(timeout=60)
-  deadline = time.time() + 20
-  while time.time() < deadline and any(alive(pid) for pid in workers):
-    time.sleep(0.2)
-  assert not [pid for pid in workers if alive(pid)], "orphaned worker processes"
