@@ -61,7 +61,11 @@ class FolderSource:
       data = path.read_bytes()
     except OSError as e:
       raise OSError(f"cannot read image file {str(path)!r}: {e}") from e
-    return {"name": str(path.relative_to(self.root)), "encoded": data}
+    return {"name": self.name(index), "encoded": data}
+
+  def name(self, index: int) -> str:
+    """Record `index`'s name without reading the file."""
+    return str(self.paths[index].relative_to(self.root))
 
   def __repr__(self) -> str:
     return f"FolderSource({str(self.root)!r}, {len(self)} images)"
