@@ -12,6 +12,7 @@ Fields of their `config.evals.NAME` entry:
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,8 @@ import numpy as np
 from spcl_jax import auc, features, sharding, steps
 from spcl_jax.data.eval_splits import LabelledSplit, open_labelled
 from spcl_jax.evaluators import EvalConfigError, field
+
+log = logging.getLogger("spcl_jax")
 
 
 class FrozenFeatureEvaluator:
@@ -72,6 +75,11 @@ class FrozenFeatureEvaluator:
     """{'auc': macro AUC on the val split, 'auc/CLASS': each class's AUC}."""
     train_x = self._features(params, self.train)
     val_x = self._features(params, self.val)
+    if not (np.isfinite(train_x).all() and np.isfinite(val_x).all()):
+      # Diverged parameters: report no score (null in metrics.jsonl); stopping the run is the
+      # trainer's job (its loss check names the step), not an evaluator's.
+      log.warning("config.evals.%s: the features contain NaN or Inf; no AUC", self.name)
+      return {"auc": float("nan"), **{f"auc/{c}": float("nan") for c in self.val.class_names}}
     scores = self.scores(train_x, self.train.labels, val_x)
     macro, per_class = auc.macro_auc(self.val.labels, scores, self.val.class_names,
                                      split=self.val.description)
