@@ -72,6 +72,13 @@ def test_probe_scores_each_class_on_its_own():
   assert auc.macro_auc(y[300:], both, CLASSES)[0] > 0.95
 
 
+def test_probe_standardises_features_so_their_scale_does_not_matter():
+  x, y, _ = synthetic(seed=3, n=400)
+  scaled = x * np.geomspace(1e-3, 1e3, x.shape[1])  # without standardisation C would differ
+  np.testing.assert_allclose(probe_scores(scaled[:300], y[:300], scaled[300:]),
+                             probe_scores(x[:300], y[:300], x[300:]), rtol=1e-3, atol=1e-3)
+
+
 # --- the bundled sample's labels --------------------------------------------------------------
 
 def test_sample_labels_come_from_the_file_names():
@@ -161,6 +168,17 @@ def test_a_class_with_one_label_value_is_named_at_start(monkeypatch):
                       lambda data, split, classes: normal if split == "train" else one_valued)
   with pytest.raises(auc.SingleClassError, match="class 'Hernia' has only negative labels"):
     evaluators.factory_of("knn")("knn", config.evals.knn, training)
+
+
+def test_non_finite_features_give_no_auc_instead_of_failing(monkeypatch):
+  """A diverged model: the trainer's loss check stops the run, the probe reports null."""
+  config = small_config("sample")
+  training = steps.build_training(config, sharding.make_mesh(config))
+  probe = evaluators.factory_of("linear_probe")("probe", config.evals.probe, training)
+  monkeypatch.setattr(probe, "_features", lambda params, split: np.full((len(split.source), 4),
+                                                                        np.nan))
+  result = probe.run(params=None)
+  assert set(result) == {"auc", "auc/pneumonia"} and np.isnan(result["auc"])
 
 
 @pytest.mark.parametrize("change,message", [

@@ -51,10 +51,13 @@ class Evaluator:
     else:
       spec, why = self.config.data.source, ("the training images: the source has no split "
                                             "that pre-training does not read")
-    source = open_source(spec)
-    self.dataset = pipeline.eval_dataset(
-        self.config, source, max_batches=batches, process_index=jax.process_index(),
-        process_count=jax.process_count())
+    try:
+      source = open_source(spec)
+      self.dataset = pipeline.eval_dataset(
+          self.config, source, max_batches=batches, process_index=jax.process_index(),
+          process_count=jax.process_count())
+    except ValueError as e:
+      raise EvalConfigError(f"config.evals.{name} ({why}): {e}") from None
     count = len(self.dataset) * self.config.batch_size
     self.names = record_names(source)[:count]
     self.description = f"{count} images of {spec} ({why})"
