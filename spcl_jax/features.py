@@ -15,6 +15,7 @@ resize filter, then (u8 / 255 - mean) / std on the device.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -107,12 +108,20 @@ def make_encode_fn(model: VisionTransformer, mean: float, std: float,
   """jit(encoder params, uint8 (B, S, S) sharded over the batch) -> {pooling: (B, D) f32}.
 
   The parameters keep the layout they are given (`param_shardings`; None: replicated), so the
-  trainer's sharded parameters are used in place, without a copy.
+  trainer's sharded parameters are used in place, without a copy. Equal arguments give the same
+  jitted function, so evaluators that extract alike (a probe and a kNN) compile it once.
   """
-  poolings = check_poolings(poolings)
+  leaves, treedef = jax.tree.flatten(param_shardings)
+  return _encode_fn(model, float(mean), float(std), check_poolings(poolings), batch_sharding,
+                    tuple(leaves), treedef)
+
+
+@functools.lru_cache(maxsize=16)
+def _encode_fn(model: VisionTransformer, mean: float, std: float, poolings: tuple[str, ...],
+               batch_sharding: NamedSharding, sharding_leaves: tuple[Any, ...], treedef: Any):
   replicated = NamedSharding(batch_sharding.mesh, P())
-  if param_shardings is None:
-    param_shardings = replicated
+  param_shardings = (jax.tree.unflatten(treedef, sharding_leaves) if sharding_leaves
+                     else replicated)
 
   def encode(params: Any, images_u8: jax.Array) -> dict[str, jax.Array]:
     x = normalize_uint8(images_u8, mean, std)
