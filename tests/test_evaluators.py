@@ -193,6 +193,15 @@ def test_bad_eval_config_is_named(change, message):
     validate_config(config, num_batch_shards=8)
 
 
+def test_a_misspelt_field_is_named():
+  config = small_config("sample")
+  config.evals.knn.temprature = 0.1
+  training = steps.build_training(config, sharding.make_mesh(config))
+  with pytest.raises(ConfigError, match=r"config.evals.knn: unknown field\(s\) temprature.*"
+                                        r"temperature"):
+    evaluators.Evaluators(config, training)
+
+
 def test_evaluate_command_on_a_workdir(tmp_path):
   workdir, _ = make_workdir(tmp_path / "run", "mu/16", 64)
   code = evaluate.main(["--workdir", str(workdir), "--config.evals.p.type=linear_probe",

@@ -71,6 +71,20 @@ def check_eval_configs(evals: ml_collections.ConfigDict) -> None:
       raise EvalConfigError(f"{where}.every_steps={every!r} must be a positive integer")
 
 
+COMMON_FIELDS = ("type", "every_steps", "prefix")
+
+
+def _check_fields(name: str, entry: Any, factory: Any) -> None:
+  """A misspelt field would silently take its default: refuse fields the evaluator lacks."""
+  own = getattr(factory, "FIELDS", None)
+  if own is None:  # a plug-in that does not declare its fields checks them itself
+    return
+  unknown = sorted(set(entry.keys()) - {*COMMON_FIELDS, *own})
+  if unknown:
+    raise EvalConfigError(f"config.evals.{name}: unknown field(s) {', '.join(unknown)} for type "
+                          f"{entry['type']!r}; its fields: {', '.join((*COMMON_FIELDS, *own))}")
+
+
 def field(eval_config: Any, name: str, default: Any) -> Any:
   """eval_config[name] with a default (ConfigDict and plain dict alike)."""
   return eval_config[name] if name in eval_config else default
@@ -107,7 +121,9 @@ class Evaluators:
     for name, entry in evals.items():
       if only and name not in only:
         continue
-      evaluator = factory_of(entry["type"])(name, entry, training)
+      factory = factory_of(entry["type"])
+      _check_fields(name, entry, factory)
+      evaluator = factory(name, entry, training)
       self.scheduled.append(Scheduled(name, int(entry["every_steps"]),
                                       str(field(entry, "prefix", f"{name}_")), evaluator))
     self._report_images(workdir)

@@ -27,6 +27,8 @@ log = logging.getLogger("spcl_jax")
 class FrozenFeatureEvaluator:
   """Base class: subclasses implement `scores(train_x, train_y, val_x) -> (M_val, K)`."""
 
+  FIELDS = ("data", "train_split", "val_split", "classes", "pooling", "batch_size")
+
   def __init__(self, name: str, eval_config: Any, training: steps.Training):
     config = training.config
     self.name = name

@@ -46,6 +46,7 @@ def _classes(knn: KNeighborsClassifier) -> list[np.ndarray]:
 
 
 class Evaluator(FrozenFeatureEvaluator):
+  FIELDS = (*FrozenFeatureEvaluator.FIELDS, "k", "temperature")
 
   def __init__(self, name: str, eval_config: Any, training: steps.Training):
     super().__init__(name, eval_config, training)

@@ -36,6 +36,7 @@ def probe_scores(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, *,
 
 
 class Evaluator(FrozenFeatureEvaluator):
+  FIELDS = (*FrozenFeatureEvaluator.FIELDS, "C", "max_iter")
 
   def __init__(self, name: str, eval_config: Any, training: steps.Training):
     super().__init__(name, eval_config, training)

@@ -36,6 +36,7 @@ _EVAL_KEY_INDEX = 2
 
 
 class Evaluator:
+  FIELDS = ("batches", "data")
 
   def __init__(self, name: str, eval_config: Any, training: steps.Training):
     self.config, self.mesh, self.eval_step = training.config, training.mesh, training.eval_step
