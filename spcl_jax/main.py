@@ -67,7 +67,7 @@ def _train() -> int:
   if FLAGS.distributed:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id)
-  from spcl_jax import train  # pylint: disable=g-import-not-at-top
+  from spcl_jax import evaluators, train  # pylint: disable=g-import-not-at-top
   try:
     config = FLAGS.config
     config.get("model")  # the config file loads lazily: surface a missing/broken file here
@@ -76,8 +76,9 @@ def _train() -> int:
   summary = train.train_and_evaluate(config, FLAGS.workdir, restore_step=FLAGS.restore_step,
                                      allow_config_changes=FLAGS.allow_config_change)
   if jax.process_index() == 0:
-    print("done: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()
-                               if isinstance(v, (int, float))), flush=True)
+    shown = ["step", *(k for k in evaluators.headline_keys(summary) if k != "step")]
+    print("done: " + ", ".join(f"{k} {summary[k]:.4g}" for k in shown
+                               if isinstance(summary.get(k), (int, float))), flush=True)
   return 0
 
 
