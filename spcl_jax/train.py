@@ -187,6 +187,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   workdir = pathlib.Path(workdir).expanduser().resolve()
   is_main = jax.process_index() == 0
   mesh = _validated_mesh(config)
+  # Read-only: a resume that changes a locked field or the model fails before any work.
+  changes = run_info.check_resume(workdir, config, allow_config_changes) if is_main else []
   source = _validated_source(config)
   if is_main:
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} in "
@@ -199,7 +201,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if lock is not None:
     lock.acquire()
   try:
-    changes = run_info.check_resume(workdir, config, allow_config_changes) if is_main else []
     if is_main:
       checkpoint.remove_stale_tmp(workdir)
       evals.write_image_lists(workdir)

@@ -16,9 +16,10 @@ from spcl_jax import main as train_cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.py")
-# 4 steps of the demo at 64 px, checkpoints at 2 and 4, every step logged, eval at 0, 2, 4.
+# 4 steps of the demo at 64 px, checkpoints at 2 and 4, every step logged, pair retrieval at
+# 0, 2, 4 (the demo's probes at the first and last step).
 BASE = ["--config.model.image_size=64", "--config.total_steps=4", "--config.log_every_steps=1",
-        "--config.checkpoint_every_steps=2", "--config.eval_every_steps=2"]
+        "--config.checkpoint_every_steps=2", "--config.evals.retrieval.every_steps=2"]
 
 
 def call_main(*args: str) -> int:
@@ -53,8 +54,8 @@ def read_metrics(workdir: pathlib.Path) -> list[dict]:
 
 
 def metric_keys(records: list[dict]) -> list[tuple[int, str]]:
-  """(step, kind) of each row; kind is 'train' or 'eval'."""
-  return [(r["step"], "eval" if "eval_loss" in r else "train") for r in records]
+  """(step, kind) of each row; the kind is the row's field names (train, or the evaluators')."""
+  return [(r["step"], ",".join(sorted(r))) for r in records]
 
 
 def tensorboard_scalars(workdir: pathlib.Path) -> list[tuple[str, int]]:
