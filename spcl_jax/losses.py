@@ -35,7 +35,7 @@ def cosine_similarity(cos: jax.Array) -> jax.Array:
 
 
 # name -> (function of the cosine, the config.spcl fields it takes as keyword arguments). A new
-# similarity is a function and a row here (and its default in configs/default.py).
+# similarity is a function and a row here (and its default in spcl_jax/configs/default.py).
 SIMILARITIES: dict[str, tuple[Callable[..., jax.Array], tuple[str, ...]]] = {
     "tsp": (tsp_similarity, ("kappa",)),
     "cosine": (cosine_similarity, ()),
