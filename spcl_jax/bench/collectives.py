@@ -24,7 +24,7 @@ _INSTRUCTION = re.compile(
 _ARRAY = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\]")
 _WHILE = re.compile(r" while\(.*body=%?([\w.\-]+)")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-_CALLS = re.compile(r"(?:calls|to_apply|condition|branch_computations)=\{?%?([\w.\-, %]+)\}?")
+_CALLS = re.compile(r"(?:calls|to_apply|condition)=%?([\w.\-]+)|branch_computations=\{([^}]*)\}")
 _GROUPS_LIST = re.compile(r"replica_groups=\{\{([\d,]+)\}")
 _GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
 
@@ -91,8 +91,8 @@ def _executions(bodies: dict[str, list[str]], entry: str) -> dict[str, int]:
         if trips is None:
           raise ValueError(f"a while loop without a known trip count in {name}: {line[:120]}")
         calls[name].append((loop.group(1), int(trips.group(1))))
-      for group in _CALLS.findall(line):
-        for callee in group.replace("%", "").split(","):
+      for single, listed in _CALLS.findall(line):
+        for callee in (single or listed).replace("%", "").split(","):
           if callee.strip() in bodies:
             calls[name].append((callee.strip(), 1))
   counts: dict[str, int] = defaultdict(int)

@@ -179,14 +179,17 @@ def format_table(shape: ModelShape, fabric: Fabric, devices: list[int], batch_pe
   return "\n".join(rows)
 
 
-def check_collectives(config, mesh) -> list[tuple[str, int, int]]:
-  """(kind, modelled bytes, compiled bytes) per collective kind of the compiled train step."""
+def check_collectives(config, mesh, compiled=None) -> list[tuple[str, int, int]]:
+  """(kind, modelled bytes, compiled bytes) per collective kind of the compiled train step.
+
+  `compiled`: the step already compiled for (config, mesh), to save a compile.
+  """
   from spcl_jax import sharding  # pylint: disable=g-import-not-at-top
   from spcl_jax.bench import collectives, memory  # pylint: disable=g-import-not-at-top
 
   if int(mesh.shape["fsdp"]) != 1:
     raise ValueError("the scaling model covers data parallelism (config.sharding.fsdp=1)")
-  compiled = memory.compile_train_step(config, mesh)
+  compiled = compiled or memory.compile_train_step(config, mesh)
   found = collectives.bytes_by_kind(collectives.collectives(compiled.as_text()))
   n = sharding.num_batch_shards(config, mesh)
   modelled = payload_bytes(model_shape(config), n, config.batch_size // n)
