@@ -165,6 +165,7 @@ def test_loop_trip_counts_multiply_collectives():
 ENTRY %main (x: f32[8]) -> f32[8] {
   %w = (s32[], f32[8]) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
   %rs = bf16[2,4]{1,0} reduce-scatter(bf16[8,4]{1,0} %y), replica_groups=[1,4]<=[4], dimensions={0}, to_apply=%add
+  %ag = f32[4]{0} all-gather(f32[2]{0} %z), replica_groups=mesh['axis_0'=2,'axis_1'=4], device_ids=([4,2]T(1,0)) {'axis_0'}, dimensions={0}
 }
 """
   found = collectives.collectives(hlo)
@@ -172,6 +173,7 @@ ENTRY %main (x: f32[8]) -> f32[8] {
   assert by_kind["all-reduce"].executions == 3 and by_kind["all-reduce"].bytes_per_step == 96
   assert by_kind["reduce-scatter"].group_size == 4
   assert by_kind["reduce-scatter"].payload_bytes == 2 * 4 * 2 * 4  # the input: 4 x the output
+  assert by_kind["all-gather"].group_size == 2 and by_kind["all-gather"].bytes_per_step == 16
 
 
 def test_peak_memory_falls_with_k_at_a_fixed_global_batch():
@@ -198,3 +200,17 @@ def test_per_device_batch_and_microbatches_are_checked():
   config.batch_size_per_device = 0
   with pytest.raises(ConfigError, match="config.batch_size_per_device=0"):
     resolve_batch_size(config, 8)
+
+
+def test_largest_batch_search_finds_the_last_batch_under_the_budget(monkeypatch):
+  # A made-up, slightly convex memory curve: the search must not trust one straight line.
+  def fake_memory(config, mesh):
+    b = config.batch_size
+    return memory.StepMemory(arguments=1000, outputs=0, aliased=0,
+                             temporaries=int(37 * b + 0.05 * b * b), platform="cpu")
+  monkeypatch.setattr(memory, "train_step_memory", fake_memory)
+  monkeypatch.setattr(memory.sharding, "num_batch_shards", lambda config, mesh: 1)
+  config = small_config(k=2)
+  found, figures = memory.largest_batch_per_device(config, None, 100_000, log=lambda _: None)
+  assert found == 1084 and figures.peak <= 100_000  # 1086 would need 100_164 bytes
+  assert memory.largest_batch_per_device(config, None, 500, log=lambda _: None) is None

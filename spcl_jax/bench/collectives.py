@@ -27,6 +27,9 @@ _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _CALLS = re.compile(r"(?:calls|to_apply|condition)=%?([\w.\-]+)|branch_computations=\{([^}]*)\}")
 _GROUPS_LIST = re.compile(r"replica_groups=\{\{([\d,]+)\}")
 _GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
+# Newer XLA: replica_groups=mesh['axis_0'=2,'axis_1'=4][, device_ids=(...)] {'axis_0'}
+_GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}")
+_MESH_AXIS = re.compile(r"'([^']+)'=(\d+)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +65,16 @@ def _group_size(line: str) -> int:
   if listed:
     return len(listed.group(1).split(","))
   iota = _GROUPS_IOTA.search(line)
-  return int(iota.group(2)) if iota else 1
+  if iota:
+    return int(iota.group(2))
+  mesh = _GROUPS_MESH.search(line)
+  if mesh:
+    sizes = {name: int(size) for name, size in _MESH_AXIS.findall(mesh.group(1))}
+    size = 1
+    for axis in re.findall(r"'([^']+)'", mesh.group(2)):
+      size *= sizes[axis]
+    return size
+  return 1
 
 
 def _computations(hlo: str) -> tuple[dict[str, list[str]], str]:

@@ -68,12 +68,14 @@ def with_batch(config: ml_collections.ConfigDict, *, batch_size: int | None = No
 
 
 def largest_batch_per_device(config: ml_collections.ConfigDict, mesh: Mesh, budget_bytes: float,
-                             log=print) -> tuple[int, StepMemory] | None:
+                             log=print, max_compiles: int = 10
+                             ) -> tuple[int, StepMemory] | None:
   """The largest per-device batch (a multiple of grad_accum_steps) whose step fits the budget.
 
-  Memory is close to affine in the batch: two compiles give the line, a third checks the
-  predicted batch, and the batch steps down (by a micro-batch per device at a time, at most a
-  few compiles) until the compiled figure fits. None if even one micro-batch does not fit.
+  Memory is close to affine in the batch, not exactly (XLA picks other fusions and layouts at
+  other sizes): a secant search on compiled figures, keeping the largest batch that fit and
+  the smallest that did not, until they are one micro-batch apart. None if even k images per
+  device (one per micro-batch) do not fit.
   """
   k = config.grad_accum_steps
   shards = sharding.num_batch_shards(config, mesh)
@@ -83,19 +85,30 @@ def largest_batch_per_device(config: ml_collections.ConfigDict, mesh: Mesh, budg
     log(f"  {per_device} per device: {memory.peak / 2**30:.2f} GiB")
     return memory
 
-  small, large = 2 * k, 8 * k
-  m_small, m_large = measure(small), measure(large)
-  per_image = (m_large.peak - m_small.peak) / (large - small)
-  if m_small.peak > budget_bytes:
-    return None if measure(k).peak > budget_bytes else (k, measure(k))
-  guess = small if per_image <= 0 else int(small + (budget_bytes - m_small.peak) / per_image)
-  guess = max(k, guess // k * k)
-  step = max(k, guess // 100 // k * k)  # 1% per retry: the line is close, not exact
-  for _ in range(8):
-    memory = measure(guess)
+  points: list[tuple[int, StepMemory]] = []
+  fits: tuple[int, StepMemory] | None = None
+  too_big: int | None = None
+
+  def record(per_device: int) -> None:
+    nonlocal fits, too_big
+    memory = measure(per_device)
+    points.append((per_device, memory))
     if memory.peak <= budget_bytes:
-      return guess, memory
-    guess -= step
-    if guess < k:
-      return None
-  return None
+      if fits is None or per_device > fits[0]:
+        fits = (per_device, memory)
+    elif too_big is None or per_device < too_big:
+      too_big = per_device
+
+  record(k)
+  if fits is None:
+    return None
+  record(8 * k)
+  while len(points) < max_compiles and (too_big is None or too_big - fits[0] > k):
+    (b0, m0), (b1, m1) = points[-2], points[-1]
+    slope = (m1.peak - m0.peak) / (b1 - b0) if b1 != b0 else 0.0
+    guess = 2 * b1 if slope <= 0 else int(b1 + (budget_bytes - m1.peak) / slope)
+    guess = max(guess // k * k, fits[0] + k)
+    if too_big is not None:
+      guess = min(guess, too_big - k)
+    record(guess)
+  return fits
