@@ -80,7 +80,8 @@ def cached_gradients(params: Any, images: jax.Array, positions: jax.Array, *, em
   images: (B, H, W) uint8; positions: (2, B, h) view patch indices of the global batch.
   `embed_on_device` is `embed` without sharding constraints: pass 3 maps it over a leading
   device axis (vmap with spmd_axis_name), so each device's parameter gradients stay its own
-  and are summed over devices ONCE after the k micro-batches, not once per micro-batch.
+  and are summed over devices ONCE after the k micro-batches, not once per micro-batch. The
+  price: each device holds a full-size float32 gradient accumulator, also under FSDP.
   """
   encoder = params["encoder"]
   z = embed_in_microbatches(encoder, images, positions, embed=embed, num_shards=num_shards,
@@ -120,9 +121,9 @@ def plain_gradients(params: Any, images: jax.Array, positions: jax.Array, *, emb
 
   A weaker objective (B/k - 1 negatives per image instead of B - 1), kept because it is what
   naive accumulation in the paper's PyTorch code most likely did. Its gradients are reduced
-  over devices once per micro-batch (k times per step), as in naive data-parallel code. Returns the whole batch's
-  loss and retrieval (comparable with 'cached'), the mean micro-batch loss that was optimised,
-  and the gradients.
+  over devices once per micro-batch (k times per step), as in naive data-parallel code.
+  Returns the whole batch's loss and retrieval (comparable with 'cached'), the mean
+  micro-batch loss that was optimised, and the gradients.
   """
   image_mbs = to_microbatches(images, num_shards, k)
   position_mbs = to_microbatches(positions, num_shards, k, 1)

@@ -26,7 +26,7 @@ flags.DEFINE_list("memory_k", ["1", "2", "4"],
 flags.DEFINE_float("memory_gb", None,
                    "Find the largest per-device batch (at the config's grad_accum_steps) whose "
                    "step fits this many GB (10^9 bytes) per device; default: the device's own "
-                   "limit if it reports one, else skipped.", flag_values=_FLAGS)
+                   "limit if it reports one, else skipped; 0 skips.", flag_values=_FLAGS)
 
 
 def _gib(n: float) -> str:
@@ -51,6 +51,8 @@ def report_memory(config, mesh) -> None:
           f"{_gib(figures.peak)} per device{label}; state+images {_gib(figures.arguments)}, "
           f"temporaries {_gib(figures.temporaries)}", flush=True)
   budget = _FLAGS.memory_gb
+  if budget is not None and budget <= 0:
+    return  # --memory_gb=0: no search
   if budget is None:
     limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
     budget = limit / 1e9 if limit else None
