@@ -27,7 +27,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from spcl_jax import accelerator_time, checkpoint, evaluators, metrics, run_info, sharding, steps
-from spcl_jax.configuration import validate_config
+from spcl_jax.configuration import resolve_batch_size, validate_config
 from spcl_jax.data import pipeline
 from spcl_jax.data.sources import open_source
 
@@ -149,14 +149,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = pathlib.Path(workdir).expanduser().resolve()
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(config)
-  validate_config(config, num_batch_shards=sharding.num_batch_shards(config, mesh),
-                  process_count=jax.process_count())
+  num_batch_shards = sharding.num_batch_shards(config, mesh)
+  config = resolve_batch_size(config, num_batch_shards)  # the device count is known by now
+  validate_config(config, num_batch_shards=num_batch_shards, process_count=jax.process_count())
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
     run_info.write_run_info(workdir, config)
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} in "
           f"{jax.process_count()} process(es), mesh {dict(mesh.shape)}; workdir {workdir}",
           flush=True)
+    print(f"global batch {config.batch_size} = {config.batch_size // num_batch_shards} per "
+          f"device x {num_batch_shards} devices, in {config.grad_accum_steps} micro-batch(es) "
+          f"per device ({config.accumulation} accumulation)", flush=True)
   clock = accelerator_time.AcceleratorClock.for_this_job(workdir)  # accelerator_time.json
 
   training = steps.build_training(config, mesh)

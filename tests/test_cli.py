@@ -137,12 +137,19 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
 def test_bench_command_line_dispatches_to_each_benchmark(tmp_path):
   bench = [sys.executable, "-m", "spcl_jax.bench"]
   usage = subprocess.run(bench, cwd=ROOT, capture_output=True, text=True, timeout=60)
-  assert usage.returncode == 2 and "train" in usage.stderr and "input" in usage.stderr
+  assert usage.returncode == 2 and all(b in usage.stderr for b in ("train", "input", "scaling"))
   train = subprocess.run([*bench, "train", "--config=configs/demo.py",
-                          "--config.model.image_size=64", "--steps=2", "--warmup_steps=0"],
+                          "--config.model.image_size=64", "--steps=2", "--warmup_steps=0",
+                          "--memory_k=2", "--memory_gb=0"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert train.returncode == 0, train.stderr[-3000:]
   assert "images/s" in train.stdout and "compile + first step" in train.stdout
+  assert "memory, k=2 (1 per micro-batch, 2 per device): peak" in train.stdout  # 8 devices
+  assert "(XLA:CPU estimate)" in train.stdout
+  scaling = subprocess.run([*bench, "scaling", "--devices=8,64", "--fabric=h100"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+  assert scaling.returncode == 0, scaling.stderr[-3000:]
+  assert "| 64 | 76800 |" in scaling.stdout  # vitb512: 1200 per device
   formats = subprocess.run([*bench, "input", "--formats", "--image-size", "64", "--seconds",
                             "0.2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert formats.returncode == 0, formats.stderr[-3000:]

@@ -12,8 +12,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.total_steps = 10_000
   config.batch_size = 256          # GLOBAL batch of one optimiser step (METHOD 5)
-  config.grad_accum_steps = 1      # micro-batches per step; > 1 comes with the scale-out work
-  config.accumulation = "cached"   # 'cached' keeps all negatives; 'plain' contrasts per micro-batch
+  # When set, batch_size = this x the devices the batch is split over (resolved at start).
+  config.batch_size_per_device = ml_collections.config_dict.placeholder(int)
+  config.grad_accum_steps = 1      # micro-batches per device and step (each device splits its own)
+  config.accumulation = "cached"   # 'cached': exact, every negative; 'plain': per micro-batch
 
   config.model = ml_collections.ConfigDict()
   config.model.variant = "B/16"    # mu, Ti, S, B, L / patch size

@@ -1,9 +1,10 @@
 """The paper's run: ViT-B/16 at 512x512, mask ratio 0.6, MIMIC-CXR-JPG (METHOD 6).
 
-The paper uses 600 images per GPU with 2 accumulation steps. Until accumulation lands, the
-global batch must fit in one step: set --config.batch_size to 600 x your device count if memory
-allows (with --config.model.remat=True if needed). Point data at your images, e.g.
-  --config.data.source=folder:/data/mimic-cxr-jpg/files
+The paper's batch: 1200 images per device and step, in 2 micro-batches of 600 (its 600 per GPU
+x accumulation 2). Cached-embedding accumulation keeps all 1200 x devices images as negatives
+of each other; the global batch (and the learning rate) scales with the device count. Point data
+at your prepared images, e.g.
+  --config.data.source=prepared:/data/prepared/mimic
 """
 
 from spcl_jax.configs import default
@@ -15,8 +16,9 @@ def get_config():
   config.model.image_size = 512
   config.model.dtype = "bfloat16"
   config.spcl.mask_ratio = 0.6
-  config.batch_size = 600          # per optimiser step, all devices (paper: 600/GPU x accum 2)
-  config.grad_accum_steps = 1      # the paper's 2 needs the scale-out work's accumulation
+  config.batch_size_per_device = 1200  # global batch = 1200 x devices (paper: 600/GPU x 2)
+  config.grad_accum_steps = 2
+  config.accumulation = "cached"
   config.total_steps = 100_000
   config.data.num_workers = 8
   config.log_every_steps = 50
