@@ -1,4 +1,4 @@
-"""Gradient accumulation over k micro-batches that keeps every negative (METHOD 5).
+"""Gradient accumulation over k micro-batches that keeps every negative (docs/method.md §5).
 
 A contrastive loss is not a sum over examples: each row's softmax runs over the whole batch.
 Plain accumulation therefore changes the objective (each micro-batch sees only its own
@@ -15,7 +15,7 @@ Peak activation memory is one micro-batch's; the cost is one extra forward pass.
 Layout: every device splits ITS OWN block of the global batch into k slices; micro-batch j is
 the j-th slice of every device. The reshapes below only regroup rows a device already holds,
 so no image moves between devices. Partitions are drawn once for the global batch from the
-global example indices (METHOD 2) and laid out the same way, so they do not depend on k.
+global example indices (docs/method.md §2) and laid out the same way, so they do not depend on k.
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Python config file (configs/*.py, or your own building on spcl_jax.configs).",
+config_flags.DEFINE_config_file("config", None,
+                                "Python config file (configs/*.py, or your own building on "
+                                "spcl_jax.configs).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and config.json go.")
 flags.DEFINE_bool("distributed", False,

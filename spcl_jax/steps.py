@@ -1,6 +1,6 @@
 """The train state and the jitted S-PCL step (and its eval twin), built for one device mesh.
 
-One step, in order (ARCHITECTURE.md "Data through a step"): uint8 global batch (sharded over the
+One step, in order: uint8 global batch (sharded over the
 batch axes) -> normalise -> patchify -> per-example partition from the step key -> gather each
 view's patches -> the one shared ViT, vmapped over the 2 views -> CLS z1, z2 -> T-SP InfoNCE in
 shard_map (local rows x all-gathered columns) -> gradients -> AdamW. With

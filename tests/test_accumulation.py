@@ -1,4 +1,4 @@
-"""Cached-embedding accumulation (METHOD 5) on 8 virtual CPU devices: k micro-batches per
+"""Cached-embedding accumulation (docs/method.md §5) on 8 virtual CPU devices: k micro-batches per
 device give the loss and gradients of the whole batch; no image crosses devices; memory falls
 with k; the scaling model's bytes are the compiled step's."""
 

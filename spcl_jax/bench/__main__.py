@@ -4,7 +4,7 @@
            --memory_gb, then jitted steps on synthetic uint8 images: images/s, TFLOP/s, MFU
   scaling  a model of the step on 8 .. 1024 accelerators: compute vs communication, efficiency
            (--check: its bytes against the compiled step's collectives on 8 CPU devices)
-  input   the input pipeline alone on prepared data: decoded images/s (datasets wing)
+  input   the input pipeline alone on prepared data: decoded images/s
 """
 
 import importlib

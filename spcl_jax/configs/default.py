@@ -11,7 +11,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.total_steps = 10_000
-  config.batch_size = 256          # GLOBAL batch of one optimiser step (METHOD 5)
+  config.batch_size = 256          # GLOBAL batch of one optimiser step (docs/method.md §5)
   # When set, batch_size = this x the devices the batch is split over (resolved at start).
   config.batch_size_per_device = ml_collections.config_dict.placeholder(int)
   config.grad_accum_steps = 1      # micro-batches per device and step (each device splits its own)
@@ -26,16 +26,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.remat = False       # recompute block activations in the backward pass
 
   config.spcl = ml_collections.ConfigDict()
-  config.spcl.mask_ratio = 0.6         # fraction of the N patches dropped (METHOD 2)
+  config.spcl.mask_ratio = 0.6         # fraction of the N patches dropped (docs/method.md §2)
   config.spcl.similarity = "tsp"       # a name in losses.SIMILARITIES: 'tsp' or 'cosine'
-  config.spcl.kappa = 1 / 64           # T-SP concentration (METHOD 4)
+  config.spcl.kappa = 1 / 64           # T-SP concentration (docs/method.md §4)
   config.spcl.init_temperature = 0.07  # scale s starts at 1 / 0.07
   config.spcl.max_scale = 100.0        # s = exp(min(log_s, log max_scale))
   config.spcl.learn_temperature = True
   config.spcl.negatives = "all"        # 'all' (paper eq. 2) or 'cross' (OCL)
 
   config.optim = ml_collections.ConfigDict()
-  config.optim.base_learning_rate = 1.5e-4  # lr = base * batch_size / 256 (METHOD 6)
+  config.optim.base_learning_rate = 1.5e-4  # lr = base * batch_size / 256 (docs/method.md §6)
   config.optim.learning_rate = 0.0          # > 0 sets the peak lr directly instead
   config.optim.warmup_fraction = 0.05
   config.optim.b1 = 0.9

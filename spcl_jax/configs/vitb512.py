@@ -1,4 +1,4 @@
-"""The paper's run: ViT-B/16 at 512x512, mask ratio 0.6, MIMIC-CXR-JPG (METHOD 6).
+"""The paper's run: ViT-B/16 at 512x512, mask ratio 0.6, MIMIC-CXR-JPG (docs/method.md §6).
 
 The paper's batch: 1200 images per device and step, in 2 micro-batches of 600 (its 600 per GPU
 x accumulation 2). Cached-embedding accumulation keeps all 1200 x devices images as negatives
