@@ -99,9 +99,7 @@ class _Throughput:
   """images/s, TFLOP/s and MFU between two log points (the first one includes compilation)."""
 
   def __init__(self, config: ml_collections.ConfigDict):
-    self.flops_per_image = metrics.train_flops_per_image(config)
-    self.peak = metrics.peak_flops_per_device(config, jax.devices()[0])
-    self.batch_size = config.batch_size
+    self.config = config
     self._last: tuple[int, float] | None = None
 
   def measure(self, step: int) -> dict[str, float | None]:
@@ -109,10 +107,8 @@ class _Throughput:
     last, self._last = self._last, (step, now)
     if last is None or step == last[0]:
       return {"images_per_sec": None, "tflops_per_sec": None, "mfu": None}
-    images_per_sec = (step - last[0]) * self.batch_size / (now - last[1])
-    flops = images_per_sec * self.flops_per_image
-    mfu = flops / (self.peak * jax.device_count()) if self.peak else None
-    return {"images_per_sec": images_per_sec, "tflops_per_sec": flops / 1e12, "mfu": mfu}
+    return metrics.throughput(self.config, (step - last[0]) * self.config.batch_size,
+                              now - last[1])
 
 
 class _TrainLog:

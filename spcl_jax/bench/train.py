@@ -112,11 +112,10 @@ def main(argv: list[str]) -> int:
     state, out = train_step(state, batch, jax.random.fold_in(key, i + 100))
   jax.block_until_ready(out)
   seconds = (time.perf_counter() - start) / _FLAGS.steps
-  images_per_sec = config.batch_size / seconds
-  flops = metrics.train_flops_per_image(config) * images_per_sec
-  peak = metrics.peak_flops_per_device(config, jax.devices()[0])
-  mfu = f"{flops / (peak * jax.device_count()):.1%}" if peak else "n/a (unknown peak)"
-  print(f"step {seconds * 1e3:.1f} ms | {images_per_sec:.1f} images/s | "
-        f"{images_per_sec / jax.device_count():.1f} images/s/device | "
-        f"{flops / 1e12:.2f} TFLOP/s | MFU {mfu} | loss {float(out['loss']):.4f}", flush=True)
+  rates = metrics.throughput(config, config.batch_size, seconds)
+  mfu = f"{rates['mfu']:.1%}" if rates["mfu"] is not None else "n/a (unknown peak)"
+  print(f"step {seconds * 1e3:.1f} ms | {rates['images_per_sec']:.1f} images/s | "
+        f"{rates['images_per_sec'] / jax.device_count():.1f} images/s/device | "
+        f"{rates['tflops_per_sec']:.2f} TFLOP/s | MFU {mfu} | loss {float(out['loss']):.4f}",
+        flush=True)
   return 0
