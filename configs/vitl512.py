@@ -1,21 +1,7 @@
 """ViT-L/16 at 512x512, mask ratio 0.6; remat on and parameters sharded over an fsdp axis.
 
-On 8 accelerators, e.g.: --config.sharding.fsdp=8 shards parameters and optimiser state 8 ways.
+Defined in spcl_jax/configs/vitl512.py (importable from the installed package, so a config of
+your own in any folder can build on it); this file lets --config=configs/vitl512.py work.
 """
 
-from configs import default
-
-
-def get_config():
-  config = default.get_config()
-  config.model.variant = "L/16"
-  config.model.image_size = 512
-  config.model.dtype = "bfloat16"
-  config.model.remat = True
-  config.spcl.mask_ratio = 0.6
-  config.batch_size = 512
-  config.total_steps = 100_000
-  config.data.num_workers = 8
-  config.evals.retrieval.every_steps = 2000
-  config.checkpoint_every_steps = 2000
-  return config
+from spcl_jax.configs.vitl512 import get_config  # noqa: F401

@@ -111,12 +111,20 @@ def _check_batching(config: ml_collections.ConfigDict, num_batch_shards: int,
                     process_count: int) -> None:
   _require(config.accumulation in ACCUMULATION_MODES,
            f"config.accumulation={config.accumulation!r} must be one of {ACCUMULATION_MODES}")
-  _require(config.grad_accum_steps == 1,
-           f"config.grad_accum_steps={config.grad_accum_steps!r}: gradient accumulation is not "
-           "available yet (it comes with the scale-out work); use 1 and a batch that fits")
+  k = config.grad_accum_steps
+  _require(isinstance(k, int) and k >= 1,
+           f"config.grad_accum_steps={k!r} must be a positive integer")
+  per_device = config.get("batch_size_per_device")
+  _require(per_device is None or (isinstance(per_device, int) and per_device >= 1),
+           f"config.batch_size_per_device={per_device!r} must be a positive integer or unset")
   _require(config.batch_size % num_batch_shards == 0,
            f"config.batch_size={config.batch_size} is not divisible by the {num_batch_shards} "
            "devices it is split over")
+  # Each device splits its own block into k micro-batches: no image crosses devices.
+  _require((config.batch_size // num_batch_shards) % k == 0,
+           f"config.grad_accum_steps={k}: the {config.batch_size // num_batch_shards} images "
+           f"per device (config.batch_size={config.batch_size} over {num_batch_shards} "
+           f"devices) do not split into {k} equal micro-batches")
   _require(config.batch_size % process_count == 0,
            f"config.batch_size={config.batch_size} is not divisible by the {process_count} "
            "processes")
@@ -131,6 +139,23 @@ def _check_evals(config: ml_collections.ConfigDict) -> None:
              f"config.evals.retrieval.{'every_steps' if old == 'eval_every_steps' else 'batches'})")
   from spcl_jax import evaluators  # pylint: disable=g-import-not-at-top  (it imports this module)
   evaluators.check_eval_configs(config.get("evals") or ml_collections.ConfigDict())
+
+
+def resolve_batch_size(config: ml_collections.ConfigDict,
+                       num_batch_shards: int) -> ml_collections.ConfigDict:
+  """A copy with batch_size = batch_size_per_device x devices when the former is set.
+
+  Called once the device count is known (after jax.distributed.initialize): a config written
+  for one GPU then scales its global batch, and its learning rate, with the job.
+  """
+  per_device = config.get("batch_size_per_device")
+  if per_device is None:
+    return config
+  _require(isinstance(per_device, int) and per_device >= 1,
+           f"config.batch_size_per_device={per_device!r} must be a positive integer or unset")
+  resolved = config.copy_and_resolve_references()
+  resolved.batch_size = per_device * num_batch_shards
+  return resolved
 
 
 def validate_config(config: ml_collections.ConfigDict, *, num_batch_shards: int = 1,

@@ -34,7 +34,7 @@ PREPARED_KIND = "prepared"
 
 
 def prepared_source_spec(data: str, split: str | None) -> str:
-  """The `open_source` spec for a prepared dataset (the Datasets wing's 'prepared' kind)."""
+  """The `open_source` spec for a prepared dataset (spcl_jax.data.prepared's kind)."""
   # spcl_jax.data.prepared's syntax: prepared:OUT_DIR[,split=S][,views=...][,fraction=...]
   return f"{PREPARED_KIND}:{data}" if split is None else f"{PREPARED_KIND}:{data},split={split}"
 

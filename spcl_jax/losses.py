@@ -1,5 +1,5 @@
-"""The S-PCL InfoNCE loss with a similarity from a table (T-SP by default; METHOD 4), on one
-device or across a mesh.
+"""The S-PCL InfoNCE loss with a similarity from a table (T-SP by default), on one device or
+across a mesh (docs/method.md §4).
 
 All math in float32. Under `jax.shard_map` pass `axis_name` (a mesh axis name or a tuple of
 them): each device keeps its local rows, gathers every z along those axes as columns, computes
@@ -35,7 +35,7 @@ def cosine_similarity(cos: jax.Array) -> jax.Array:
 
 
 # name -> (function of the cosine, the config.spcl fields it takes as keyword arguments). A new
-# similarity is a function and a row here (and its default in configs/default.py).
+# similarity is a function and a row here (and its default in spcl_jax/configs/default.py).
 SIMILARITIES: dict[str, tuple[Callable[..., jax.Array], tuple[str, ...]]] = {
     "tsp": (tsp_similarity, ("kappa",)),
     "cosine": (cosine_similarity, ()),

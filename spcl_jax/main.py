@@ -15,7 +15,9 @@ from ml_collections import config_flags
 from spcl_jax import cli_errors
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Python config file (configs/*.py).",
+config_flags.DEFINE_config_file("config", None,
+                                "Python config file (configs/*.py, or your own building on "
+                                "spcl_jax.configs).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and config.json go.")
 flags.DEFINE_bool("distributed", False,

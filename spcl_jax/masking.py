@@ -1,8 +1,9 @@
-"""Random masking and the disjoint partition of the visible patches into two views (METHOD 2).
+"""Random masking and the disjoint partition of the visible patches into two views.
 
-Pure functions of a key: example e of a step draws from `fold_in(key, e)`, with e its index in
-the GLOBAL batch. The masks then do not depend on how the batch is laid out over devices,
-processes or micro-batches, so every layout and a resumed run see the same partitions.
+See docs/method.md §2. Pure functions of a key: example e of a step draws from `fold_in(key,
+e)`, with e its index in the GLOBAL batch. The masks then do not depend on how the batch is laid
+out over devices, processes or micro-batches, so every layout and a resumed run see the same
+partitions.
 """
 
 from __future__ import annotations

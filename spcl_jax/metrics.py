@@ -65,6 +65,20 @@ def peak_flops_per_device(config: ml_collections.ConfigDict, device: jax.Device)
   return None  # e.g. CPUs: no honest peak number, so MFU is reported as null
 
 
+def throughput(config: ml_collections.ConfigDict, images: float,
+               seconds: float) -> dict[str, float | None]:
+  """images/s, TFLOP/s (analytic training FLOPs) and MFU over every device of the job.
+
+  The one place both the trainer's log and `bench train` compute these from; MFU is None where
+  the device has no known peak (CPUs).
+  """
+  images_per_sec = images / seconds
+  flops = images_per_sec * train_flops_per_image(config)
+  peak = peak_flops_per_device(config, jax.devices()[0])
+  mfu = flops / (peak * jax.device_count()) if peak else None
+  return {"images_per_sec": images_per_sec, "tflops_per_sec": flops / 1e12, "mfu": mfu}
+
+
 def _json_value(value: Any) -> Any:
   if isinstance(value, float) and not math.isfinite(value):
     return None

@@ -1,4 +1,4 @@
-"""AdamW with linear warmup + cosine decay, weight-decay mask and optional clipping (METHOD 6)."""
+"""AdamW with linear warmup + cosine decay, weight-decay mask and optional clipping (docs/method.md §6)."""
 
 from __future__ import annotations
 

@@ -34,7 +34,8 @@ HISTORY_FILENAME = "history.jsonl"
 
 # Every config field, by what a resume may do with it. A field or prefix ('optim.') matches
 # itself and what is under it; a field in neither table is LOCKED (the safe default).
-LOCKED = ("seed", "model.", "spcl.", "batch_size", "grad_accum_steps", "accumulation", "optim.",
+LOCKED = ("seed", "model.", "spcl.", "batch_size", "batch_size_per_device", "grad_accum_steps",
+          "accumulation", "optim.",
           "data.source", "data.mean", "data.std", "data.resize_filter", "data.shuffle_seed")
 FREE = ("total_steps", "log_every_steps", "eval_every_steps", "eval_batches",
         "checkpoint_every_steps", "max_checkpoints_to_keep", "model.remat",

@@ -1,9 +1,11 @@
 """The train state and the jitted S-PCL step (and its eval twin), built for one device mesh.
 
-One step, in order (ARCHITECTURE.md "Data through a step"): uint8 global batch (sharded over the
+One step, in order: uint8 global batch (sharded over the
 batch axes) -> normalise -> patchify -> per-example partition from the step key -> gather each
 view's patches -> the one shared ViT, vmapped over the 2 views -> CLS z1, z2 -> T-SP InfoNCE in
-shard_map (local rows x all-gathered columns) -> gradients -> AdamW.
+shard_map (local rows x all-gathered columns) -> gradients -> AdamW. With
+config.grad_accum_steps = k > 1 the gradients come from k micro-batches per device
+(accumulation.py); the update after them is the same code.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from spcl_jax import losses, masking, optimizer, sharding
+from spcl_jax import accumulation, losses, masking, optimizer, sharding
 from spcl_jax.data.normalize import normalize_uint8
 from spcl_jax.models.vit import VisionTransformer, build_encoder, patchify
 
@@ -74,20 +76,33 @@ def create_train_state(model: VisionTransformer, tx: optax.GradientTransformatio
   return jax.jit(init, out_shardings=shardings)(key)
 
 
+def view_positions(key: jax.Array, batch: int, model: VisionTransformer,
+                   config: ml_collections.ConfigDict, batch_spec: NamedSharding | None
+                   ) -> jax.Array:
+  """(2, B, h) grid positions of both views of every example of the GLOBAL batch."""
+  num_patches = (config.model.image_size // model.patch_size) ** 2
+  idx1, idx2 = masking.partition(key, batch, num_patches, config.spcl.mask_ratio)
+  positions = jnp.stack([idx1, idx2])
+  if batch_spec is not None:
+    positions = jax.lax.with_sharding_constraint(
+        positions, NamedSharding(batch_spec.mesh, P(None, *batch_spec.spec)))
+  return positions
+
+
+def gather_views(images: jax.Array, positions: jax.Array, model: VisionTransformer,
+                 config: ml_collections.ConfigDict) -> jax.Array:
+  """uint8 (B, H, W) + (2, B, h) positions -> (2, B, h, P*P*C) normalised view patches."""
+  x = normalize_uint8(images, config.data.mean, config.data.std)
+  patches = patchify(x, model.patch_size)                                     # (B, N, PPC)
+  return jax.vmap(lambda idx: jnp.take_along_axis(patches, idx[..., None], axis=1))(positions)
+
+
 def partitioned_views(images: jax.Array, key: jax.Array, model: VisionTransformer,
                       config: ml_collections.ConfigDict, batch_spec: NamedSharding | None
                       ) -> tuple[jax.Array, jax.Array]:
   """(2, B, h, P*P*C) view patches and their (2, B, h) grid positions."""
-  x = normalize_uint8(images, config.data.mean, config.data.std)
-  patches = patchify(x, model.patch_size)                                     # (B, N, PPC)
-  batch, num_patches = patches.shape[:2]
-  idx1, idx2 = masking.partition(key, batch, num_patches, config.spcl.mask_ratio)
-  positions = jnp.stack([idx1, idx2])                                         # (2, B, h)
-  if batch_spec is not None:
-    positions = jax.lax.with_sharding_constraint(
-        positions, NamedSharding(batch_spec.mesh, P(None, *batch_spec.spec)))
-  views = jax.vmap(lambda idx: jnp.take_along_axis(patches, idx[..., None], axis=1))(positions)
-  return views, positions
+  positions = view_positions(key, images.shape[0], model, config, batch_spec)
+  return gather_views(images, positions, model, config), positions
 
 
 def encode_views(model: VisionTransformer, encoder_params: Any, views: jax.Array,
@@ -108,15 +123,69 @@ def sharded_loss_fn(mesh: Mesh, config: ml_collections.ConfigDict) -> Callable[.
                        out_specs=(P(), P()))
 
 
-def _forward(params: Any, images: jax.Array, key: jax.Array, model: VisionTransformer,
-             config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
-  batch_spec = sharding.batch_sharding(mesh, config, 2)
-  views, positions = partitioned_views(images, key, model, config, batch_spec)
-  z = encode_views(model, params["encoder"], views, positions)
-  log_scale = params["log_scale"]
-  if not config.spcl.learn_temperature:
-    log_scale = jax.lax.stop_gradient(log_scale)
-  return sharded_loss_fn(mesh, config)(z[0], z[1], log_scale)
+def _embed_fn(model: VisionTransformer, config: ml_collections.ConfigDict,
+              mesh: Mesh) -> accumulation.Embed:
+  """(encoder params, uint8 images (b, H, W), positions (2, b, h)) -> z (2, b, D).
+
+  The constraints keep every (micro-)batch split over the batch axes, each device on its rows.
+  """
+  images_spec = sharding.batch_sharding(mesh, config, 3)
+  positions_spec = NamedSharding(mesh, P(None, *images_spec.spec[:2]))
+  embed_on_device = _embed_on_device_fn(model, config)
+
+  def embed(encoder_params, images, positions):
+    images = jax.lax.with_sharding_constraint(images, images_spec)
+    positions = jax.lax.with_sharding_constraint(positions, positions_spec)
+    return embed_on_device(encoder_params, images, positions)
+  return embed
+
+
+def _embed_on_device_fn(model: VisionTransformer,
+                        config: ml_collections.ConfigDict) -> accumulation.Embed:
+  """The same without sharding constraints (for use under vmap over a device axis)."""
+  def embed(encoder_params, images, positions):
+    views = gather_views(images, positions, model, config)
+    return encode_views(model, encoder_params, views, positions)
+  return embed
+
+
+def _loss_fn(mesh: Mesh, config: ml_collections.ConfigDict) -> accumulation.Loss:
+  """(z (2, B, D), log_s) -> (loss, retrieval) over the batch z holds, negatives from all."""
+  loss = sharded_loss_fn(mesh, config)
+
+  def loss_of_embeddings(z, log_scale):
+    if not config.spcl.learn_temperature:
+      log_scale = jax.lax.stop_gradient(log_scale)
+    return loss(z[0], z[1], log_scale)
+  return loss_of_embeddings
+
+
+def loss_and_gradients(params: Any, images: jax.Array, key: jax.Array,
+                       model: VisionTransformer, config: ml_collections.ConfigDict,
+                       mesh: Mesh) -> tuple[dict[str, jax.Array], Any]:
+  """({'loss', 'retrieval_top1'[, 'microbatch_loss']} of the whole batch, gradients).
+
+  k = config.grad_accum_steps micro-batches per device: 'cached' gives the full-batch gradient,
+  'plain' the mean of the micro-batches' own gradients (accumulation.py); k = 1 is one pass.
+  """
+  embed, loss = _embed_fn(model, config, mesh), _loss_fn(mesh, config)
+  positions = view_positions(key, images.shape[0], model, config,
+                             sharding.batch_sharding(mesh, config, 2))
+  k = config.grad_accum_steps
+  if k == 1:
+    def objective(p):
+      return loss(embed(p["encoder"], images, positions), p["log_scale"])
+    (value, retrieval), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    return {"loss": value, "retrieval_top1": retrieval}, grads
+  split = dict(embed=embed, loss=loss, num_shards=sharding.num_batch_shards(config, mesh), k=k)
+  if config.accumulation == "cached":
+    (value, retrieval), grads = accumulation.cached_gradients(
+        params, images, positions, embed_on_device=_embed_on_device_fn(model, config),
+        batch_axes=sharding.batch_axes(config), **split)
+    return {"loss": value, "retrieval_top1": retrieval}, grads
+  (value, retrieval, mb_loss), grads = accumulation.plain_gradients(
+      params, images, positions, **split)
+  return {"loss": value, "retrieval_top1": retrieval, "microbatch_loss": mb_loss}, grads
 
 
 def make_train_step(model: VisionTransformer, tx: optax.GradientTransformation, mesh: Mesh,
@@ -125,17 +194,14 @@ def make_train_step(model: VisionTransformer, tx: optax.GradientTransformation, 
   """jit(state, uint8 images (B, H, W), step key) -> (new state, metrics); state donated."""
 
   def train_step(state: TrainState, images: jax.Array, key: jax.Array):
-    forward = functools.partial(_forward, images=images, key=key, model=model, config=config,
-                                mesh=mesh)
-    (loss, retrieval), grads = jax.value_and_grad(forward, has_aux=True)(state.params)
+    batch_metrics, grads = loss_and_gradients(state.params, images, key, model, config, mesh)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     params["log_scale"] = losses.clamp_log_scale(params["log_scale"], config.spcl.max_scale)
     log_scale = state.params["log_scale"]  # what this step's loss used
     scale = losses.logit_scale(log_scale, config.spcl.max_scale)
     metrics = {
-        "loss": loss,
-        "retrieval_top1": retrieval,
+        **batch_metrics,
         "log_scale": log_scale,
         "scale": scale,
         "temperature": 1.0 / scale,
@@ -154,8 +220,16 @@ def make_eval_step(model: VisionTransformer, mesh: Mesh, config: ml_collections.
                    param_shardings: Any) -> Callable[..., Any]:
   """jit(params, images, key) -> (loss, retrieval_top1), no gradients, params not donated."""
 
+  embed, loss = _embed_fn(model, config, mesh), _loss_fn(mesh, config)
+
   def eval_step(params: Any, images: jax.Array, key: jax.Array):
-    return _forward(params, images, key, model, config, mesh)
+    # Forward only, a micro-batch at a time: the memory of the train step, never more.
+    positions = view_positions(key, images.shape[0], model, config,
+                               sharding.batch_sharding(mesh, config, 2))
+    z = accumulation.embed_in_microbatches(
+        params["encoder"], images, positions, embed=embed,
+        num_shards=sharding.num_batch_shards(config, mesh), k=config.grad_accum_steps)
+    return loss(z, params["log_scale"])
 
   batch = sharding.batch_sharding(mesh, config, 3)
   return jax.jit(eval_step, in_shardings=(param_shardings, batch, sharding.replicated(mesh)),

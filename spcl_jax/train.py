@@ -33,7 +33,7 @@ from jax.experimental import multihost_utils
 
 from spcl_jax import (accelerator_time, checkpoint, evaluators, metrics, run_info, sharding,
                       steps, workdir_lock)
-from spcl_jax.configuration import ConfigError, validate_config
+from spcl_jax.configuration import ConfigError, resolve_batch_size, validate_config
 from spcl_jax.data import pipeline
 from spcl_jax.data.sources import open_source
 
@@ -108,9 +108,7 @@ class _Throughput:
   """images/s, TFLOP/s and MFU between two log points (the first one includes compilation)."""
 
   def __init__(self, config: ml_collections.ConfigDict):
-    self.flops_per_image = metrics.train_flops_per_image(config)
-    self.peak = metrics.peak_flops_per_device(config, jax.devices()[0])
-    self.batch_size = config.batch_size
+    self.config = config
     self._last: tuple[int, float] | None = None
 
   def measure(self, step: int) -> dict[str, float | None]:
@@ -118,10 +116,8 @@ class _Throughput:
     last, self._last = self._last, (step, now)
     if last is None or step == last[0]:
       return {"images_per_sec": None, "tflops_per_sec": None, "mfu": None}
-    images_per_sec = (step - last[0]) * self.batch_size / (now - last[1])
-    flops = images_per_sec * self.flops_per_image
-    mfu = flops / (self.peak * jax.device_count()) if self.peak else None
-    return {"images_per_sec": images_per_sec, "tflops_per_sec": flops / 1e12, "mfu": mfu}
+    return metrics.throughput(self.config, (step - last[0]) * self.config.batch_size,
+                              now - last[1])
 
 
 class _TrainLog:
@@ -153,14 +149,17 @@ def _run_evaluators(evals: evaluators.Evaluators, writer: metrics.MetricsWriter,
   return results
 
 
-def _validated_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+def _validated_mesh(config: ml_collections.ConfigDict
+                    ) -> tuple[jax.sharding.Mesh, ml_collections.ConfigDict]:
+  """(mesh, config with batch_size resolved for this device count), both checked."""
   try:
     mesh = sharding.make_mesh(config)
   except ValueError as e:  # e.g. sharding.fsdp not dividing the devices
     raise ConfigError(str(e)) from None
-  validate_config(config, num_batch_shards=sharding.num_batch_shards(config, mesh),
-                  process_count=jax.process_count())
-  return mesh
+  num_batch_shards = sharding.num_batch_shards(config, mesh)
+  config = resolve_batch_size(config, num_batch_shards)  # the device count is known by now
+  validate_config(config, num_batch_shards=num_batch_shards, process_count=jax.process_count())
+  return mesh, config
 
 
 def _validated_source(config: ml_collections.ConfigDict) -> Any:
@@ -186,7 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   workdir = pathlib.Path(workdir).expanduser().resolve()
   is_main = jax.process_index() == 0
-  mesh = _validated_mesh(config)
+  mesh, config = _validated_mesh(config)
   # Read-only: a resume that changes a locked field or the model fails before any work.
   changes = run_info.check_resume(workdir, config, allow_config_changes) if is_main else []
   source = _validated_source(config)
@@ -194,6 +193,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} in "
           f"{jax.process_count()} process(es), mesh {dict(mesh.shape)}; workdir {workdir}",
           flush=True)
+    num_batch_shards = sharding.num_batch_shards(config, mesh)
+    print(f"global batch {config.batch_size} = {config.batch_size // num_batch_shards} per "
+          f"device x {num_batch_shards} devices, in {config.grad_accum_steps} micro-batch(es) "
+          f"per device ({config.accumulation} accumulation)", flush=True)
   training = steps.build_training(config, mesh)
   evals = evaluators.Evaluators(config, training)  # checks config.evals and their data
   # Validated: from here on the workdir is written, by one run at a time.

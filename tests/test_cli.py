@@ -18,14 +18,23 @@ def run_main(*args, timeout=300):
                         cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def test_three_demo_steps_write_metrics_and_a_checkpoint(tmp_path):
-  result = run_main(f"--workdir={tmp_path}", "--config.total_steps=3",
-                    "--config.model.image_size=64")
+def test_a_users_own_config_in_another_folder_runs_from_any_directory(tmp_path):
+  # The user's config lives outside the repository, builds on the shipped demo through the
+  # installed package, and main runs from a directory that is not the repository root.
+  own = tmp_path / "my_configs" / "tiny_demo.py"
+  own.parent.mkdir()
+  own.write_text("from spcl_jax.configs import demo\n\n\ndef get_config():\n"
+                 "  config = demo.get_config()\n  config.model.image_size = 64\n"
+                 "  return config\n")
+  workdir = tmp_path / "run"
+  result = subprocess.run(
+      [sys.executable, "-m", "spcl_jax.main", f"--config={own}", f"--workdir={workdir}",
+       "--config.total_steps=3"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records if "loss" in r] == [1, 3]
-  assert checkpoint.available_steps(tmp_path) == [3]
-  assert (tmp_path / "config.json").is_file()
+  assert checkpoint.available_steps(workdir) == [3]
+  assert json.loads((workdir / "config.json").read_text())["model"]["image_size"] == 64
   assert "step 3/3" in result.stdout and "done:" in result.stdout
 
 
@@ -128,12 +137,19 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
 def test_bench_command_line_dispatches_to_each_benchmark(tmp_path):
   bench = [sys.executable, "-m", "spcl_jax.bench"]
   usage = subprocess.run(bench, cwd=ROOT, capture_output=True, text=True, timeout=60)
-  assert usage.returncode == 2 and "train" in usage.stderr and "input" in usage.stderr
+  assert usage.returncode == 2 and all(b in usage.stderr for b in ("train", "input", "scaling"))
   train = subprocess.run([*bench, "train", "--config=configs/demo.py",
-                          "--config.model.image_size=64", "--steps=2", "--warmup_steps=0"],
+                          "--config.model.image_size=64", "--steps=2", "--warmup_steps=0",
+                          "--memory_k=2", "--memory_gb=0"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert train.returncode == 0, train.stderr[-3000:]
   assert "images/s" in train.stdout and "compile + first step" in train.stdout
+  assert "memory, k=2 (1 per micro-batch, 2 per device): peak" in train.stdout  # 8 devices
+  assert "(XLA:CPU estimate)" in train.stdout
+  scaling = subprocess.run([*bench, "scaling", "--devices=8,64", "--fabric=h100"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+  assert scaling.returncode == 0, scaling.stderr[-3000:]
+  assert "| 64 | 76800 |" in scaling.stdout  # vitb512: 1200 per device
   formats = subprocess.run([*bench, "input", "--formats", "--image-size", "64", "--seconds",
                             "0.2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert formats.returncode == 0, formats.stderr[-3000:]

@@ -11,14 +11,14 @@ import pytest
 
 from configs import default
 from spcl_jax import metrics
-from spcl_jax.configuration import validate_config
+from spcl_jax.configuration import resolve_batch_size, validate_config
 from spcl_jax.masking import view_size
 from spcl_jax.models.vit import build_encoder
 
 
 @pytest.mark.parametrize("name", ["default", "demo", "vits512", "vitb512", "vitl512"])
 def test_shipped_configs_validate(name):
-  config = importlib.import_module(f"configs.{name}").get_config()
+  config = resolve_batch_size(importlib.import_module(f"configs.{name}").get_config(), 8)
   validate_config(config, num_batch_shards=8, process_count=1)
   json.loads(config.to_json_best_effort())
 
@@ -28,6 +28,10 @@ def test_paper_config_is_the_paper():
   assert (config.model.variant, config.model.image_size, config.spcl.mask_ratio) == (
       "B/16", 512, 0.6)
   assert view_size((512 // 16) ** 2, config.spcl.mask_ratio) == 204
+  # 600 per GPU x accumulation 2, every negative kept: 1200 per device and step.
+  assert (config.batch_size_per_device, config.grad_accum_steps, config.accumulation) == (
+      1200, 2, "cached")
+  assert resolve_batch_size(config, 8).batch_size == 9600
 
 
 def test_analytic_flops_match_xla_cost_analysis():

@@ -1,6 +1,6 @@
 """big_vision npz export read by timm's own npz loader (`VisionTransformer.load_pretrained`).
 
-The model must be built with `no_embed_class=True` (METHOD.md section 8): our `pos_embedding`
+The model must be built with `no_embed_class=True` (docs/method.md §8): our `pos_embedding`
 has no CLS row, and timm then adds it to the patch tokens only, as pre-training does.
 """
 

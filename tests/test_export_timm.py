@@ -1,6 +1,6 @@
 """timm export: strict loading and CLS parity with the JAX encoder on the bundled CXRs.
 
-float32 on CPU on both sides; max abs difference at most 1e-4 (METHOD.md section 8). ViT-tiny
+float32 on CPU on both sides; max abs difference at most 1e-4 (docs/method.md §8). ViT-tiny
 at 256 on 4 images and ViT-S/16 at 512 on 2 images, each with 1 and 3 input channels.
 """
 

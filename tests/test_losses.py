@@ -1,4 +1,4 @@
-"""The loss against an independent NumPy implementation of METHOD 4, and closed forms."""
+"""The loss against an independent NumPy implementation of docs/method.md §4, and closed forms."""
 
 import math
 

@@ -49,7 +49,7 @@ def images_u8(seed=0):
 
 
 def reference_loss(config, model, params, images, key):
-  """METHOD 2-4 written out: normalise, patchify, partition, gather, ViT per view, loss."""
+  """docs/method.md §2-4 written out: normalise, patchify, partition, gather, ViT per view, loss."""
   x = (images.astype(np.float32) / 255.0 - config.data.mean) / config.data.std
   g = SIZE // PATCH
   patches = x.reshape(BATCH, g, PATCH, g, PATCH).transpose(0, 1, 3, 2, 4).reshape(

@@ -57,10 +57,15 @@ def train_losses(records):
   return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
+# The run these tests share uses the paper's batch layout: each device's block in 2 micro-batches
+# (cached accumulation), so the exact-resume test below holds with k = 2.
+ACCUMULATED = dict(grad_accum_steps=2)
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("run")
-  summary = train.train_and_evaluate(quick_config(), str(workdir))
+  summary = train.train_and_evaluate(quick_config(**ACCUMULATED), str(workdir))
   return workdir, summary
 
 
@@ -97,6 +102,7 @@ def test_training_lowers_the_loss_and_writes_everything(finished_run):
   assert info["model"]["variant"] == "mu/16" and info["model"]["image_size"] == 64
   assert info["normalization"] == {"mean": 0.5056, "std": 0.252}
   assert info["config"]["spcl"]["mask_ratio"] == 0.6
+  assert (info["config"]["grad_accum_steps"], info["config"]["accumulation"]) == (2, "cached")
 
 
 def test_logged_lr_is_the_one_each_step_used(finished_run):
@@ -119,7 +125,7 @@ def test_restart_after_a_checkpoint_logs_identical_losses(finished_run, tmp_path
   update = accelerator_time.AcceleratorClock.update
   monkeypatch.setattr(accelerator_time.AcceleratorClock, "update",
                       lambda self: clock_updates.append(1) or update(self))
-  train.train_and_evaluate(quick_config(), str(resumed))
+  train.train_and_evaluate(quick_config(**ACCUMULATED), str(resumed))
   original, again = train_losses(read_metrics(workdir)), train_losses(read_metrics(resumed))
   assert sorted(again) == list(range(11, 31))
   for step in range(11, 31):
@@ -165,7 +171,8 @@ def test_non_finite_loss_stops_without_checkpointing_it(tmp_path):
     ("spcl.mask_ratio", 1.5, r"config.spcl.mask_ratio=1.5 must be in \(0, 1\)"),
     ("batch_size", 12, "config.batch_size=12 is not divisible by the 8 devices"),
     ("data.source", "s3:bucket", "config.data.source='s3:bucket': unknown source kind"),
-    ("grad_accum_steps", 2, "config.grad_accum_steps=2: gradient accumulation"),
+    ("grad_accum_steps", 3, "config.grad_accum_steps=3: the 2 images per device"),
+    ("accumulation", "naive", "config.accumulation='naive' must be one of"),
     ("spcl.negatives", "some", "config.spcl.negatives='some'"),
 ])
 def test_bad_config_values_are_named(tmp_path, field, value, message):

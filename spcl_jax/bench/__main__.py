@@ -1,13 +1,17 @@
 """python -m spcl_jax.bench WHAT [flags]
 
-  train   jitted S-PCL train steps on synthetic uint8 images: images/s, TFLOP/s, MFU
-  input   the input pipeline alone on prepared data: decoded images/s (datasets wing)
+  train    the train step's memory for k = 1, 2, 4 micro-batches, the largest batch that fits
+           --memory_gb, then jitted steps on synthetic uint8 images: images/s, TFLOP/s, MFU
+  scaling  a model of the step on 8 .. 1024 accelerators: compute vs communication, efficiency
+           (--check: its bytes against the compiled step's collectives on 8 CPU devices)
+  input   the input pipeline alone on prepared data: decoded images/s
 """
 
 import importlib
 import sys
 
-BENCHMARKS = {"train": "spcl_jax.bench.train", "input": "spcl_jax.bench.input"}
+BENCHMARKS = {"train": "spcl_jax.bench.train", "input": "spcl_jax.bench.input",
+              "scaling": "spcl_jax.bench.scaling"}
 
 
 def main() -> int:

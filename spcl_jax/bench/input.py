@@ -19,10 +19,10 @@ import pathlib
 import signal
 import time
 
-import ml_collections
 import numpy as np
 from PIL import Image
 
+from spcl_jax.configs import default
 from spcl_jax.data import decode, pipeline
 from spcl_jax.data.datasets import records
 from spcl_jax.data.sources import SAMPLE_DIR
@@ -70,10 +70,9 @@ def pipeline_rate(source, image_size: int, workers: int, seconds: float,
                   batch_size: int) -> dict:
   """images/s of the training input pipeline itself (`pipeline.train_dataset`: shuffled
   reads, decode, batching, `workers` grain processes), after a warm-up batch per worker."""
-  config = ml_collections.ConfigDict({
-      "seed": 0, "batch_size": batch_size, "model": {"image_size": image_size},
-      "data": {"shuffle_seed": -1, "resize_filter": "bilinear", "num_workers": workers,
-               "read_threads": 4, "prefetch_buffer_size": 8}})
+  config = default.get_config()  # the shipped defaults: the pipeline a real run gets
+  config.batch_size, config.model.image_size = batch_size, image_size
+  config.data.num_workers = workers
   iterator = iter(pipeline.train_dataset(config, source=source))
   try:
     with _watchdog(_STALL_SECONDS):

@@ -1,4 +1,4 @@
-"""DICOM radiographs -> grayscale float32 in [0, 1] (METHOD §7).
+"""DICOM radiographs -> grayscale float32 in [0, 1] (docs/method.md §7).
 
 Order of operations, as the DICOM standard defines the grayscale pipeline:
   stored values -> modality LUT (rescale slope/intercept, or a modality LUT table)

@@ -74,7 +74,7 @@ def local_batch_size(global_batch: int, process_count: int) -> int:
 
 
 def _read_options(config: ml_collections.ConfigDict) -> grain.ReadOptions:
-  threads = int(config.data.get("read_threads", 4))
+  threads = int(config.data.read_threads)
   # grain can keep only as many threads busy as the buffer (in batches) has room for.
   buffer = max(threads, int(config.data.prefetch_buffer_size), 1)
   return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer)

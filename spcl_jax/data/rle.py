@@ -1,4 +1,4 @@
-"""Kaggle run-length encoding of SIIM-ACR pneumothorax masks (METHOD §7).
+"""Kaggle run-length encoding of SIIM-ACR pneumothorax masks (docs/method.md §7).
 
 A mask is written as whitespace-separated integers read in (start, length) pairs over the mask
 flattened column-major (down the first column, then the next: numpy order "F"). In the SIIM

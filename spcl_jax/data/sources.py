@@ -8,8 +8,8 @@ record is a dict with
 Sources do no decoding or resizing: that runs in the pipeline's worker processes.
 
 `config.data.source` names a source as "KIND:ARGUMENT" (or a bare "KIND"). New kinds plug in
-with `register_source` (the Datasets wing adds "prepared:DIR" that way); `open_source` is the one
-place that turns the string into a source.
+with `register_source` (spcl_jax.data.prepared adds "prepared:DIR" that way); `open_source`
+is the one place that turns the string into a source.
 """
 
 from __future__ import annotations

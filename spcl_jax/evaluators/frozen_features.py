@@ -55,7 +55,7 @@ class FrozenFeatureEvaluator:
         training.model, config.data.mean, config.data.std, (pooling,), self.batch_sharding,
         training.shardings.params["encoder"])
     self.image_size, self.resize_filter = config.model.image_size, config.data.resize_filter
-    self.read_threads = int(config.data.get("read_threads", 4))
+    self.read_threads = int(config.data.read_threads)
     classes_text = ", ".join(self.train.class_names)
     self.description = (f"{pooling} features; fit on {self.train.description}, scored on "
                         f"{self.val.description}; classes: {classes_text}")

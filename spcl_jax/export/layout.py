@@ -1,6 +1,6 @@
 """JAX encoder parameters -> timm's `VisionTransformer` state dict, as numpy arrays (no torch).
 
-Keys and layouts (METHOD.md section 8):
+Keys and layouts (docs/method.md §8):
 
   patch_embed.proj.weight (D, C, P, P)  <- embedding/kernel (P, P, C, D), transposed
   cls_token (1, 1, D)                   <- cls

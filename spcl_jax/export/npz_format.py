@@ -5,7 +5,7 @@ big_vision reader (`VisionTransformer.load_pretrained(path)`) checks it independ
 
 `pos_embedding` is (1, N, D) with no CLS row, as big_vision stores it. timm must then build the
 model with `no_embed_class=True`: otherwise it expects a CLS row, tries to resample the table with
-one prefix token, and fails on a 1023-token grid (METHOD.md section 8). With `no_embed_class=True`
+one prefix token, and fails on a 1023-token grid (docs/method.md §8). With `no_embed_class=True`
 timm adds the table to the patch tokens only, which is exactly what pre-training does.
 """
 

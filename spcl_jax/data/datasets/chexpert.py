@@ -3,7 +3,7 @@
 Download: https://stanfordmlgroup.github.io/competitions/chexpert/ (CheXpert-v1.0-small, 11 GB,
 or the full CheXpert-v1.0). Layout under --src: the folder holding train.csv and valid.csv (or
 its parent), with train/patientNNNNN/studyN/viewN_*.jpg and valid/... beside the CSVs.
-Quirks (METHOD §7):
+Quirks (docs/method.md §7):
 - `Path` starts with "CheXpert-v1.0-small/" or "CheXpert-v1.0/" by download; it is stripped so
   that both downloads give the same names and split files.
 - No patient column: the patient is the patientNNNNN part of the path.

@@ -3,8 +3,8 @@
 Download: https://www.kaggle.com/c/rsna-pneumonia-detection-challenge/data
 Layout under --src: stage_2_train_labels.csv and stage_2_train_images/<patientId>.dcm
 (stage_2_test_images/ is ignored: it has no labels).
-Quirks (METHOD §7): one CSV row per box (`patientId,x,y,width,height,Target`), so several rows
-name one image; the image label is the max Target and every box is kept. A `patientId` names
+Quirks (docs/method.md §7): one CSV row per box (`patientId,x,y,width,height,Target`), so
+several rows name one image; the image label is the max Target and every box is kept. A `patientId` names
 one image, so the patient-level split is an image-level split. All images are frontal.
 """
 

@@ -4,7 +4,7 @@ Download: https://www.kaggle.com/c/siim-acr-pneumothorax-segmentation (the stage
 train-rle.csv and dicom-images-train/, as mirrored by the "siim-train-test" Kaggle dataset).
 Layout under --src: train-rle.csv and dicom-images-train/<study>/<series>/<ImageId>.dcm
 (files are found by name at any depth under dicom-images-train/).
-Quirks (METHOD §7): the header is "ImageId, EncodedPixels" (leading space); "-1" = no
+Quirks (docs/method.md §7): the header is "ImageId, EncodedPixels" (leading space); "-1" = no
 pneumothorax; several rows of one image are several regions (united). The RLE is Kaggle's
 relative, column-major variant (`spcl_jax.data.rle`). The stage 2 `stage_2_train.csv` uses
 absolute run starts instead, so it is deliberately not read. There is no patient id in the
