@@ -1,4 +1,5 @@
 """python -m spcl_jax.data.prepare DATASET --src RAW_DIR --out OUT_DIR [--image-size 512] [--workers N]
+       python -m spcl_jax.data.prepare DATASET --out OUT_DIR --splits-only [--src RAW_DIR]
 
 Turns one raw download (see the README's Datasets section) into OUT_DIR/:
   splits/*.txt, splits/SHA256SUMS  image names per split, a function of the metadata alone
@@ -7,6 +8,8 @@ Turns one raw download (see the README's Datasets section) into OUT_DIR/:
   report.json                      settings, counts, every problem found, split sha256s
 Bad rows and files never stop the run: they are counted and listed in report.json. A finished
 OUT_DIR is detected and left as it is (no work); a different setting on it is an error.
+--splits-only rewrites splits/ (and the report's split summary) of a finished OUT_DIR from the
+metadata, e.g. to add split files that a newer version defines; records are not touched.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog="python -m spcl_jax.data.prepare", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("dataset", choices=DATASET_NAMES)
-  parser.add_argument("--src", required=True, help="the raw download folder")
+  parser.add_argument("--src", help="the raw download folder (with --splits-only: default the "
+                      "one in OUT_DIR/report.json)")
   parser.add_argument("--out", required=True, help="output folder (one per dataset)")
   parser.add_argument("--image-size", type=int, default=512)
   parser.add_argument("--encoding", choices=records.ENCODINGS, default="jpeg",
@@ -46,7 +50,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       help="frontal: PA/AP only (default); all: keep laterals (MIMIC "
                       "pre-training can then choose with prepared:...,views=all)")
   parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-  return parser.parse_args(argv)
+  parser.add_argument("--splits-only", action="store_true",
+                      help="rewrite the split files of a finished OUT_DIR from the metadata; "
+                      "images and records are left as they are")
+  args = parser.parse_args(argv)
+  if args.src is None and not args.splits_only:
+    parser.error("--src is required (except with --splits-only)")
+  return args
 
 
 def select_views(entries: list[mf.Entry], views: str, problems: mf.Problems | None
@@ -64,8 +74,17 @@ def select_views(entries: list[mf.Entry], views: str, problems: mf.Problems | No
   return kept
 
 
+def official_lists(module, manifest: mf.Manifest) -> dict[str, list[str]]:
+  """Stem -> names of the lists the download itself defines (NIH's list files, CheXpert's CSVs)."""
+  if hasattr(module, "official_lists"):
+    return module.official_lists(manifest.entries)
+  return manifest.official_splits
+
+
 def make_splits(module, manifest: mf.Manifest, views: str) -> dict[str, list[str]]:
-  """Split files from the metadata alone (no file checks), so every user writes the same ones."""
+  """Split files from the metadata alone (no file checks), so every user writes the same ones:
+  all, the paper's 7:2:1 train/val/test and, where the download defines a test list, the
+  official scheme (official_train/val/test), each train split with its nested 10% and 1%."""
   entries = select_views(manifest.entries, views, problems=None)
   names = sorted(entry.name for entry in entries)
   splits = {"all": names}
@@ -76,8 +95,11 @@ def make_splits(module, manifest: mf.Manifest, views: str) -> dict[str, list[str
     splits_lib.check_patients_disjoint(
         {name: splits[name] for name in splits_lib.SPLIT_NAMES}, patient_of)
     selected = set(names)
-    for stem, official in manifest.official_splits.items():
+    for stem, official in official_lists(module, manifest).items():
       splits[stem] = sorted(set(official) & selected)
+    if "official_train_val" in splits and "official_test" in splits:
+      splits.update(splits_lib.official_splits(splits["official_train_val"],
+                                               splits["official_test"], patient_of))
   return splits
 
 
@@ -159,6 +181,12 @@ def split_summary(splits, digests, patient_of, recorded: set[str]) -> dict:
       "sha256": digests[f"{stem}.txt"]} for stem, names in splits.items()}
 
 
+def print_split_summary(report: dict) -> None:
+  for name, split in report["splits"].items():
+    print(f"  splits/{name}: {split['images']} images, {split['patients']} patients, "
+          f"{split['without_record']} without record, sha256 {split['sha256']}")
+
+
 def print_summary(report: dict, out: pathlib.Path) -> None:
   counts = report["counts"]
   print(f"{report['settings']['dataset']}: {counts['records']} images written to {out} "
@@ -168,9 +196,7 @@ def print_summary(report: dict, out: pathlib.Path) -> None:
   for kind, problem in report["problems"].items():
     examples = ", ".join(item["name"] for item in problem["items"][:3])
     print(f"  {kind}: {problem['count']} ({problem['meaning']}), e.g. {examples}")
-  for name, split in report["splits"].items():
-    print(f"  splits/{name}: {split['images']} images, {split['patients']} patients, "
-          f"{split['without_record']} without record, sha256 {split['sha256']}")
+  print_split_summary(report)
   print(f"details: {out / REPORT}")
 
 
@@ -212,10 +238,54 @@ def prepare(args: argparse.Namespace) -> dict:
   return report
 
 
+def rewrite_splits(args: argparse.Namespace) -> dict:
+  """--splits-only: new split files and split summary for a finished OUT_DIR, from the metadata
+  and the views it was prepared with; records, records.csv and problems stay as they are."""
+  out = pathlib.Path(args.out).expanduser()
+  path = out / REPORT
+  report = json.loads(path.read_text()) if path.is_file() else {}
+  if not report.get("complete"):
+    raise SystemExit(f"error: --splits-only needs a finished preparation; {str(out)!r} has no "
+                     f"complete {REPORT} (run without --splits-only first)")
+  if report["settings"]["dataset"] != args.dataset:
+    raise SystemExit(f"error: {str(out)!r} holds {report['settings']['dataset']}, not "
+                     f"{args.dataset}")
+  src = pathlib.Path(args.src or report["src"]).expanduser()
+  if not src.is_dir():
+    raise SystemExit(f"error: --src {str(src)!r} is not a folder")
+  module = dataset_module(args.dataset)
+  metadata = module.read_manifest(src, check_files=False)
+  views = report["settings"]["views"]
+  splits = make_splits(module, metadata, views)
+  split_dir = out / "splits"
+  # A file that is not in the new SHA256SUMS could not be verified: remove it.
+  stale = sorted(p for p in split_dir.glob("*.txt") if p.stem not in splits)
+  digests = splits_lib.write_split_files(split_dir, splits)
+  for old in stale:
+    old.unlink()
+  with open(out / RECORDS_INDEX, newline="", encoding="utf-8") as f:
+    recorded = {row["name"] for row in csv.DictReader(f)}
+  patient_of = {entry.name: entry.patient
+                for entry in select_views(metadata.entries, views, None)}
+  report["splits"] = split_summary(splits, digests, patient_of, recorded)
+  report["splits_src"] = str(src.resolve())
+  tmp = path.with_suffix(".json.tmp")  # Replaced in one step: a finished folder stays finished.
+  tmp.write_text(json.dumps(report, indent=1))
+  tmp.replace(path)
+  if stale:
+    print(f"removed split files no longer defined: {', '.join(p.name for p in stale)}")
+  return report
+
+
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   if args.workers < 1:
     raise SystemExit("error: --workers must be >= 1")
+  if args.splits_only:
+    report = rewrite_splits(args)
+    print(f"{report['settings']['dataset']}: split files of {args.out} rewritten")
+    print_split_summary(report)
+    return 0
   report = prepare(args)
   print_summary(report, pathlib.Path(args.out).expanduser())
   return 0

@@ -11,6 +11,11 @@ Fine-tuning: `LabelledSource(OUT_DIR, split="train", fraction=10, policy="ones")
   "label" (float32 targets of the dataset's TASK_LABELS; `policy` is CheXpert's uncertainty
   policy) and, for SIIM, "mask" (S x S uint8 of 0/1). `.shard(process_index, process_count)`
   gives one process its contiguous slice for multi-host evaluation.
+  Which images: `scheme="paper"` (splits/train.txt, val.txt, test.txt: the 7:2:1 patient split)
+  or `scheme="official"` (splits/official_*.txt: the download's own test list, validation
+  carved by patient from its train list), or `split_files={"train": PATH, "val": PATH,
+  "test": PATH}`: a user's own lists (see `read_split_lists`). `.split_info` names the file and
+  its sha256 for results files.
 Both are grain random-access sources: index -> record, the same order in every process (record
 order, which is the manifest order), picklable for grain's worker processes.
 """
@@ -34,6 +39,8 @@ from spcl_jax.data.sources import register_source
 
 _OPTIONS = {"split": "all", "views": "frontal", "fraction": "100"}
 _FRACTION_FILES = {"100": "train", "10": "train_10pct", "1": "train_1pct"}
+SPLIT_SCHEMES = ("paper", "official")
+USER_SPLITS = splits_lib.SPLIT_NAMES  # The keys config.split_files may have.
 
 
 def parse_argument(argument: str) -> tuple[str, dict[str, str]]:
@@ -65,6 +72,14 @@ def split_file_stem(split: str, fraction: str) -> str:
   return split
 
 
+def scheme_file_stem(scheme: str, split: str, fraction: str) -> str:
+  """('official', 'train', '10') -> 'official_train_10pct'; the paper scheme has no prefix."""
+  if scheme not in SPLIT_SCHEMES:
+    raise ValueError(f"split scheme {scheme!r} is not one of {', '.join(SPLIT_SCHEMES)}")
+  stem = split_file_stem(split, fraction)
+  return splits_lib.OFFICIAL_PREFIX + stem if scheme == "official" else stem
+
+
 class PreparedFolder:
   """The parts of OUT_DIR that every reader needs: report, records index, TFDS data source."""
 
@@ -79,17 +94,18 @@ class PreparedFolder:
       raise ValueError(f"{str(self.out_dir)!r}: preparation did not finish; run it again")
     self.dataset = self.report["settings"]["dataset"]
     dataset_module(self.dataset)  # Fails early on an unknown dataset name.
-    self.names, self.views, self.codes = self._read_index()
+    self.names, self.views, self.patients, self.codes = self._read_index()
     self._data_source = None  # Opened lazily: cheap to pickle into grain workers.
 
-  def _read_index(self) -> tuple[list[str], list[str], np.ndarray]:
-    names, views, codes = [], [], []
+  def _read_index(self) -> tuple[list[str], list[str], list[str], np.ndarray]:
+    names, views, patients, codes = [], [], [], []
     with open(self.out_dir / "records.csv", newline="", encoding="utf-8") as f:
       for row in csv.DictReader(f):
         names.append(row["name"])
         views.append(row["view"])
+        patients.append(row["patient"])
         codes.append([int(code) for code in row["labels"].split()])
-    return names, views, np.asarray(codes, dtype=np.int8).reshape(len(names), -1)
+    return names, views, patients, np.asarray(codes, dtype=np.int8).reshape(len(names), -1)
 
   @property
   def module(self):
@@ -120,26 +136,47 @@ class PreparedFolder:
   def __getstate__(self):
     return {**self.__dict__, "_data_source": None}
 
-  def select(self, split: str, views: str, fraction: str = "100") -> np.ndarray:
-    """Record indices of a split file's images with the asked views, in record order."""
-    if views not in ("frontal", "all"):
-      raise ValueError(f"views={views!r} is not 'frontal' or 'all'")
+  def split_file(self, stem: str) -> pathlib.Path:
+    """splits/STEM.txt, checked against SHA256SUMS; a missing file is an error saying why."""
     split_dir = self.out_dir / "splits"
     splits_lib.verify_split_files(split_dir)
-    stem = split_file_stem(split, fraction)
-    if not (split_dir / f"{stem}.txt").is_file():
+    path = split_dir / f"{stem}.txt"
+    if not path.is_file():
       known = sorted(p.stem for p in split_dir.glob("*.txt"))
-      raise ValueError(f"{str(self.out_dir)!r} has no split {stem!r}; it has {', '.join(known)}")
-    wanted = set(splits_lib.read_split_file(split_dir / f"{stem}.txt"))
+      hint = ""
+      if stem.startswith(splits_lib.OFFICIAL_PREFIX):
+        hint = (f" (official splits need the download's test list, e.g. NIH's test_list.txt "
+                f"and train_val_list.txt; add them to the raw folder and run `python -m "
+                f"spcl_jax.data.prepare {self.dataset} --out {self.out_dir} --splits-only`; "
+                "RSNA has none)")
+      raise ValueError(f"{str(self.out_dir)!r} has no split {stem!r}; it has "
+                       f"{', '.join(known)}{hint}")
+    return path
+
+  def split_sha256(self, stem: str) -> str:
+    return splits_lib.file_sha256(self.split_file(stem))
+
+  def select(self, split: str, views: str, fraction: str = "100") -> np.ndarray:
+    """Record indices of a split file's images with the asked views, in record order."""
+    return self.select_stem(split_file_stem(split, fraction), views)
+
+  def select_stem(self, stem: str, views: str) -> np.ndarray:
+    path = self.split_file(stem)
+    return self.select_names(splits_lib.read_split_file(path), views, f"splits/{path.name}")
+
+  def select_names(self, names, views: str, where: str) -> np.ndarray:
+    """Record indices of the named images with the asked views, in record order."""
+    if views not in ("frontal", "all"):
+      raise ValueError(f"views={views!r} is not 'frontal' or 'all'")
+    wanted = set(names)
     indices = [i for i, name in enumerate(self.names)
                if name in wanted and (views == "all" or self.views[i] in mf.FRONTAL_VIEWS)]
     missing = len(wanted) - sum(name in wanted for name in self.names)
     if missing:
-      logging.warning("%s: %d of the %d images in splits/%s.txt have no record (missing or "
-                      "undecodable, see report.json)", self.out_dir, missing, len(wanted), stem)
+      logging.warning("%s: %d of the %d images in %s have no record (missing or undecodable, "
+                      "see report.json)", self.out_dir, missing, len(wanted), where)
     if not indices:
-      raise ValueError(f"{str(self.out_dir)!r}: split {stem!r} with views={views!r} selects no "
-                       "image")
+      raise ValueError(f"{str(self.out_dir)!r}: {where} with views={views!r} selects no image")
     return np.asarray(indices, dtype=np.int64)
 
   def record(self, index: int) -> dict[str, Any]:
@@ -186,12 +223,86 @@ class PreparedSource:
             f"views={self.views!r}, fraction={self.fraction}, {len(self)} images)")
 
 
+def _listed_names(path: pathlib.Path, canonical) -> list[tuple[int, str]]:
+  """(line number, image name) per non-blank, non-# line: the first whitespace-separated field
+  (Medical MAE's lists carry labels after the name; labels come from the metadata instead)."""
+  if not path.is_file():
+    raise FileNotFoundError(f"config.split_files: {str(path)!r} does not exist")
+  listed = []
+  for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    fields = line.split()
+    if fields and not fields[0].startswith("#"):
+      listed.append((number, canonical(fields[0])))
+  return listed
+
+
+def read_split_lists(folder: PreparedFolder, split_files) -> dict[str, list[str]]:
+  """{split: image names} from a user's lists, checked as a whole: every name must be one of
+  the prepared folder's images (splits/all.txt), listed once, in one list, and no patient may
+  have images in two lists. Any failure is a ValueError naming the file (and line)."""
+  unknown_splits = sorted(set(split_files) - set(USER_SPLITS))
+  if unknown_splits:
+    raise ValueError(f"config.split_files: unknown split(s) {unknown_splits}; the keys are "
+                     f"{', '.join(USER_SPLITS)}")
+  known = set(splits_lib.read_split_file(folder.split_file("all")))
+  canonical = getattr(folder.module, "canonical_name", str.strip)
+  patient_of = dict(zip(folder.names, folder.patients))
+  seen: dict[str, tuple[str, str, int]] = {}  # image -> (split, file, line)
+  owner_of_patient: dict[str, tuple[str, str]] = {}  # patient -> (split, image)
+  lists = {}
+  for split, file_name in split_files.items():
+    path = pathlib.Path(file_name).expanduser()
+    listed = _listed_names(path, canonical)
+    if not listed:
+      raise ValueError(f"config.split_files[{split!r}]: {str(path)!r} lists no image")
+    missing = [(line, name) for line, name in listed if name not in known]
+    if missing:
+      line, name = missing[0]
+      raise ValueError(f"{str(path)!r} line {line}: image {name!r} is not in the prepared "
+                       f"folder {str(folder.out_dir)!r} (not in its splits/all.txt; "
+                       f"{len(missing)} of the file's {len(listed)} names are unknown)")
+    for line, name in listed:
+      if name in seen:
+        other_split, other_file, other_line = seen[name]
+        raise ValueError(f"{str(path)!r} line {line}: image {name!r} is already listed in "
+                         f"{other_file!r} line {other_line} (split {other_split!r})")
+      seen[name] = (split, str(path), line)
+      patient = patient_of.get(name)
+      owner = owner_of_patient.setdefault(patient, (split, name)) if patient else None
+      if owner and owner[0] != split:
+        raise ValueError(f"{str(path)!r} line {line}: patient {patient!r} of image {name!r} "
+                         f"also has image {owner[1]!r} in the {owner[0]!r} list: splits must "
+                         "not share patients")
+    lists[split] = [name for _, name in listed]
+  return lists
+
+
 class LabelledSource(PreparedSource):
   """Images with fine-tuning targets (and SIIM masks) of one split and label fraction."""
 
   def __init__(self, out_dir: str | pathlib.Path, split: str = "train",
-               fraction: str | int = "100", policy: str = "ones", views: str = "frontal"):
-    super().__init__(out_dir, split, views, fraction)
+               fraction: str | int = "100", policy: str = "ones", views: str = "frontal",
+               *, scheme: str = "paper", split_files=None):
+    folder = PreparedFolder(out_dir)
+    fraction = str(fraction)
+    if split_files:
+      if split not in split_files:
+        raise ValueError(f"config.split_files has no {split!r} list (it has "
+                         f"{', '.join(sorted(split_files))})")
+      names = read_split_lists(folder, split_files)[split]
+      stem = split_file_stem(split, fraction)
+      if stem != split:  # A label fraction of the user's train list, nested like ours.
+        names = splits_lib.label_fractions(names)[stem]
+      path = pathlib.Path(split_files[split]).expanduser()
+      indices = folder.select_names(names, views, str(path))
+      self.split_info = {"scheme": "split_files", "split": split, "fraction": fraction,
+                         "file": str(path.resolve()), "sha256": splits_lib.file_sha256(path)}
+    else:
+      stem = scheme_file_stem(scheme, split, fraction)
+      indices = folder.select_stem(stem, views)
+      self.split_info = {"scheme": scheme, "split": split, "fraction": fraction,
+                         "file": f"splits/{stem}.txt", "sha256": folder.split_sha256(stem)}
+    super().__init__(out_dir, split, views, fraction, folder=folder, indices=indices)
     module = self.folder.module
     if not module.TASK_LABELS:
       raise ValueError(f"{self.folder.dataset} has no labels: use it for pre-training only")

@@ -8,6 +8,9 @@ byte-identical split files (their sha256 is printed and recorded to prove it).
   val, the rest to test. All images of a patient follow the patient.
 - Label fractions: train images ranked; the first max(1, round(f * n)) form fraction f. One
   ranking serves every fraction, so the 1% subset lies inside the 10% subset.
+- Official scheme: the download's own test list is the test split; the validation split is
+  carved by patient out of its train(+val) list (the first round(OFFICIAL_VAL_FRACTION n) ranked
+  patients, at least one), the rest is train; fractions as above, of that train split.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ SPLIT_RATIOS = (0.7, 0.2, 0.1)
 # File stem -> fraction of the train split. 100% is train.txt itself.
 LABEL_FRACTIONS = {"train_1pct": 0.01, "train_10pct": 0.10}
 CHECKSUM_FILE = "SHA256SUMS"
+OFFICIAL_PREFIX = "official_"
+# Share of the official train(+val) patients kept for validation. Medical MAE's NIH lists keep
+# 11,212 of 86,524 train_val images (13%) for validation; 1/8 of the patients gives about that.
+OFFICIAL_VAL_FRACTION = 0.125
 
 
 def _rank_key(seed: int, purpose: str, item: str) -> bytes:
@@ -29,6 +36,7 @@ def _rank_key(seed: int, purpose: str, item: str) -> bytes:
 
 
 def _ranked(items: Iterable[str], seed: int, purpose: str) -> list[str]:
+  """Distinct items in sha256("seed:purpose:item") order: a fixed, uniform shuffle."""
   # Sorting first makes ties (impossible for sha256 in practice) order-independent too.
   return sorted(sorted(set(items)), key=lambda item: _rank_key(seed, purpose, item))
 
@@ -65,14 +73,49 @@ def split_images(patient_of: Mapping[str, str], seed: int = SPLIT_SEED) -> dict[
 
 
 def label_fractions(train_images: Iterable[str], seed: int = SPLIT_SEED,
-                    fractions: Mapping[str, float] = LABEL_FRACTIONS) -> dict[str, list[str]]:
-  """Nested uniform subsets of the train images: {file stem: sorted image names}."""
+                    fractions: Mapping[str, float] = LABEL_FRACTIONS,
+                    prefix: str = "") -> dict[str, list[str]]:
+  """Nested uniform subsets of the train images: {prefix + file stem: sorted image names}."""
   ranked = _ranked(train_images, seed, "fraction")
   subsets = {}
   for stem, fraction in fractions.items():
     count = max(1, int(round(fraction * len(ranked)))) if ranked else 0
-    subsets[stem] = sorted(ranked[:count])
+    subsets[prefix + stem] = sorted(ranked[:count])
   return subsets
+
+
+def validation_patients(patients: Iterable[str], seed: int = SPLIT_SEED,
+                        fraction: float = OFFICIAL_VAL_FRACTION) -> set[str]:
+  """The patients carved out for validation: round(fraction n) of n, at least one, never all."""
+  ranked = _ranked(patients, seed, "official_val")
+  if len(ranked) < 2:
+    return set()
+  count = min(len(ranked) - 1, max(1, int(round(fraction * len(ranked)))))
+  return set(ranked[:count])
+
+
+def official_splits(train_val: Iterable[str], test: Iterable[str], patient_of: Mapping[str, str],
+                    seed: int = SPLIT_SEED) -> dict[str, list[str]]:
+  """The official scheme from a download's own lists: {"official_train", "official_val",
+  "official_test", "official_train_10pct", "official_train_1pct": sorted image names}.
+
+  Raises ValueError when the two lists share a patient: then the download's test set is not
+  what its authors published, and no carving can repair that.
+  """
+  train_val, test = sorted(set(train_val)), sorted(set(test))
+  check_patients_disjoint({"official train_val list": train_val, "official test list": test},
+                          patient_of)
+  val_patients = validation_patients({patient_of[image] for image in train_val}, seed)
+  splits = {
+      OFFICIAL_PREFIX + "train": [i for i in train_val if patient_of[i] not in val_patients],
+      OFFICIAL_PREFIX + "val": [i for i in train_val if patient_of[i] in val_patients],
+      OFFICIAL_PREFIX + "test": test,
+  }
+  splits.update(label_fractions(splits[OFFICIAL_PREFIX + "train"], seed,
+                                prefix=OFFICIAL_PREFIX))
+  check_patients_disjoint({name: splits[OFFICIAL_PREFIX + name] for name in SPLIT_NAMES},
+                          patient_of)
+  return splits
 
 
 def check_patients_disjoint(splits: Mapping[str, Iterable[str]],

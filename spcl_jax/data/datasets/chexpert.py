@@ -7,7 +7,9 @@ Quirks (METHOD §7):
 - `Path` starts with "CheXpert-v1.0-small/" or "CheXpert-v1.0/" by download; it is stripped so
   that both downloads give the same names and split files.
 - No patient column: the patient is the patientNNNNN part of the path.
-- train.csv and valid.csv are pooled before the 7:2:1 split; frontal views only.
+- train.csv and valid.csv are pooled before the 7:2:1 split; frontal views only. The official
+  scheme keeps them apart instead (`official_lists`): valid.csv is the test set, as in Medical
+  MAE and the competition, and validation is carved by patient out of train.csv.
 - Label cells: 1 positive, 0 negative, -1 uncertain, blank = not mentioned (-> 0 as a target).
   The uncertainty policy is a reader option (`targets`), so one preparation serves every policy.
 """
@@ -118,3 +120,13 @@ def targets(codes, policy: str = "ones") -> np.ndarray:
       for label in TASK_LABELS], dtype=np.float32)
   out = (codes == mf.POSITIVE).astype(np.float32)
   return np.where(codes == mf.UNCERTAIN, uncertain_value[None, :], out).astype(np.float32)
+
+
+def official_lists(entries) -> dict[str, list[str]]:
+  """The lists the download defines: train.csv's images (train+val) and valid.csv's (test).
+
+  Names keep their CSV's folder ("train/..." or "valid/...") after `canonical_name`, so the
+  name tells which CSV listed the image.
+  """
+  return {"official_train_val": sorted(e.name for e in entries if e.name.startswith("train/")),
+          "official_test": sorted(e.name for e in entries if e.name.startswith("valid/"))}
