@@ -119,7 +119,8 @@ def timm_state_dict(params: dict[str, Any], grid_size: int, in_chans: int
   transformer = params["Transformer"]
   for i in range(num_blocks(params)):
     state.update(_block(i, transformer[f"encoderblock_{i}"]))
-  state.update(_layer_norm("norm", transformer["encoder_norm"]))
+  if "encoder_norm" in transformer:  # absent in a classifier pooled with fc_norm instead
+    state.update(_layer_norm("norm", transformer["encoder_norm"]))
   # Contiguous float32: safetensors refuses strided views, torch.load keeps whatever it gets.
   return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}
 

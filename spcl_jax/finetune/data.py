@@ -12,7 +12,7 @@ Like pre-training, the train order and every augmentation draw are a pure functi
 
 from __future__ import annotations
 
-import dataclasses
+import pathlib
 from typing import Any
 
 import grain
@@ -21,33 +21,47 @@ import numpy as np
 
 from spcl_jax.data import pipeline
 from spcl_jax.data.decode import decode_image
-from spcl_jax.data import splits as splits_lib
-from spcl_jax.data.prepared import LabelledSource, split_file_stem
+from spcl_jax.data.prepared import LabelledSource
+from spcl_jax.finetune.augment import EvalTransform as EvalAugment, TrainAugment
 
 SPLIT_SCHEMES = ("paper", "official", "files")
 
 
 def split_sources(config: ml_collections.ConfigDict) -> dict[str, LabelledSource]:
-  """{'train', 'val', 'test'} sources of config.data.prepared for the config's split scheme."""
-  out_dir, policy = config.data.prepared, config.chexpert_policy
-  fraction = str(config.label_fraction)
+  """{'train', 'val', 'test'} of config.data.prepared under config.split_scheme.
+
+  paper: the 7:2:1 patient split prepare writes; official: the download's test list as test,
+  val carved by patient from its train list (splits/official_*.txt); files: the user's lists
+  in config.split_files.{train,val,test}. The label fraction always subsets train only.
+  """
   scheme = config.split_scheme
   if scheme not in SPLIT_SCHEMES:
     raise ValueError(f"config.split_scheme={scheme!r} must be one of {SPLIT_SCHEMES}")
-  if scheme != "paper":
-    raise ValueError(f"config.split_scheme={scheme!r} needs the official split files, which "
-                     "this build of prepare does not write yet")
-  return {"train": LabelledSource(out_dir, "train", fraction, policy),
-          "val": LabelledSource(out_dir, "val", "100", policy),
-          "test": LabelledSource(out_dir, "test", "100", policy)}
+  common = dict(policy=config.chexpert_policy)
+  if scheme == "files":
+    files = {k: str(v) for k, v in config.split_files.items()}
+    empty = [k for k in ("train", "val", "test") if not files.get(k)]
+    if empty:
+      raise ValueError(f"config.split_scheme='files' needs config.split_files.{empty[0]} (a "
+                       "text file of image names, one a line)")
+    common["split_files"] = files
+  else:
+    common["scheme"] = scheme
+  out_dir = config.data.prepared
+  return {"train": LabelledSource(out_dir, "train", str(config.label_fraction), **common),
+          "val": LabelledSource(out_dir, "val", "100", **common),
+          "test": LabelledSource(out_dir, "test", "100", **common)}
 
 
 def split_hashes(sources: dict[str, LabelledSource]) -> dict[str, str]:
-  """{split file stem: sha256} of the files the run read (prepare recorded them)."""
+  """{split file stem: sha256} of the lists the run read (train: its label-fraction file)."""
   hashes = {}
-  for source in sources.values():
-    stem = split_file_stem(source.split, source.fraction)
-    hashes[stem] = splits_lib.file_sha256(source.folder.out_dir / "splits" / f"{stem}.txt")
+  for split, source in sources.items():
+    info = source.split_info
+    stem = pathlib.Path(info["file"]).stem
+    if info["scheme"] == "split_files" and info["fraction"] != "100":
+      stem += f"_{info['fraction']}pct"  # a nested subset of the user's list (same file)
+    hashes[stem] = info["sha256"]
   return hashes
 
 
@@ -55,30 +69,39 @@ def stored_image_size(source: LabelledSource) -> int:
   return int(source.folder.report["settings"]["image_size"])
 
 
-@dataclasses.dataclass(frozen=True)
 class TrainTransform(grain.transforms.RandomMap):
-  """Record -> {"image": augmented uint8 (S, S), "label"}; rng from grain (seed, position)."""
+  """Record -> {"image": augmented uint8 (S, S), "label"}; rng from grain (seed, position).
 
-  image_size: int
-  stored_size: int
-  resize_filter: str
+  The stored image (prepare's size) is decoded without resizing, then randomly cropped, flipped
+  and RandAugmented to S x S (`augment.TrainAugment`, Medical MAE's recipe).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, stored_size: int):
+    self.stored_size = stored_size
+    self.resize_filter = config.data.resize_filter
+    self.augment = TrainAugment(
+        config.model.image_size, scale=tuple(config.data.crop_scale), hflip=config.data.hflip,
+        randaugment_magnitude=config.data.randaugment_magnitude,
+        magnitude_std=config.data.randaugment_magnitude_std)
 
   def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    del rng  # a plain resize until the host augmentation lands
-    image = decode_image(record, self.image_size, self.resize_filter)
+    image = decode_image(record, self.stored_size, self.resize_filter)
+    image, _ = self.augment(image, rng)
     return {"image": image, "label": np.asarray(record["label"], np.float32)}
 
 
-@dataclasses.dataclass(frozen=True)
 class EvalTransform(grain.transforms.Map):
-  """Record -> {"image": uint8 (S, S), "label", "valid"}: the deterministic eval view."""
+  """Record -> {"image": uint8 (S, S), "label", "valid"}: resize, then centre crop S."""
 
-  image_size: int
-  stored_size: int
-  resize_filter: str
+  def __init__(self, config: ml_collections.ConfigDict, stored_size: int):
+    self.stored_size = stored_size
+    self.resize_filter = config.data.resize_filter
+    self.transform = EvalAugment(config.model.image_size,
+                                 crop_fraction=config.model.image_size / config.data.eval_resize)
 
   def map(self, record: dict[str, Any]) -> dict[str, Any]:
-    image = decode_image(record, self.image_size, self.resize_filter)
+    image = decode_image(record, self.stored_size, self.resize_filter)
+    image, _ = self.transform(image)
     return {"image": image, "label": np.asarray(record["label"], np.float32),
             "valid": np.bool_(record["valid"])}
 
@@ -102,8 +125,7 @@ def train_dataset(config: ml_collections.ConfigDict, source: LabelledSource, *,
   b = pipeline.local_batch_size(config.batch_size, process_count)
   ds = grain.MapDataset.source(source).shuffle(seed=pipeline.shuffle_seed(config)).repeat()
   ds = pipeline.ProcessBlockDataset(ds, config.batch_size, b, process_index)
-  ds = ds.random_map(TrainTransform(config.model.image_size, stored_image_size(source),
-                                    config.data.resize_filter),
+  ds = ds.random_map(TrainTransform(config, stored_image_size(source)),
                      seed=pipeline.shuffle_seed(config) + 1)
   ds = ds.batch(b, drop_remainder=True)
   return pipeline._with_workers(ds.to_iter_dataset(pipeline._read_options(config)),  # pylint: disable=protected-access
@@ -120,8 +142,7 @@ def eval_dataset(config: ml_collections.ConfigDict, source: LabelledSource, *,
   padded = PaddedSource(source, eval_num_batches(config, len(source)) * config.batch_size)
   ds = grain.MapDataset.source(padded)
   ds = pipeline.ProcessBlockDataset(ds, config.batch_size, b, process_index)
-  ds = ds.map(EvalTransform(config.model.image_size, stored_image_size(source),
-                            config.data.resize_filter))
+  ds = ds.map(EvalTransform(config, stored_image_size(source)))
   return ds.batch(b, drop_remainder=True)
 
 

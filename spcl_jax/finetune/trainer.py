@@ -65,14 +65,15 @@ def predict(ft: FineTuning, params: Any, dataset: Any, num_images: int) -> np.nd
   return np.concatenate(logits)[:num_images]
 
 
-def _write_classifier_info(workdir: pathlib.Path, config, classes, init) -> None:
+def write_classifier_info(workdir: pathlib.Path, config: ml_collections.ConfigDict,
+                          classes: list[str], init: dict[str, Any]) -> None:
   """config.json as pre-training writes it, plus what export needs for the head."""
   run_info.write_run_info(workdir, config)
   path = workdir / run_info.FILENAME
   info = json.loads(path.read_text())
   info["classifier"] = {"task": config.task, "pool": config.model.pool,
                         "num_classes": len(classes), "classes": list(classes),
-                        "init": init.describe()}
+                        "init": init}
   results.write_json(path, info)
 
 
@@ -131,7 +132,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   total_steps = config.epochs * steps_per_epoch
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
-    _write_classifier_info(workdir, config, classes, init)
+    write_classifier_info(workdir, config, classes, init.describe())
     print(f"{config.task}: {len(classes)} classes; train {len(sources['train'])} images "
           f"({config.label_fraction}%), val {len(sources['val'])}, test "
           f"{len(sources['test'])}; {steps_per_epoch} steps/epoch x {config.epochs} epochs; "
