@@ -110,7 +110,7 @@ def finetune_config(task: str, prepared: pathlib.Path, **overrides):
   config.optim.learning_rate = 1e-3
   config.data.num_workers = 0
   config.log_every_steps = 1
-  config.bootstrap_samples = 50
+  config.bootstrap_samples = 10
   for key, value in overrides.items():
     target = config
     *parents, leaf = key.split(".")
