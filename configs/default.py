@@ -1,7 +1,7 @@
 """Defaults for every S-PCL run; the variant files override what differs (Flax-examples style).
 
 Every field can be overridden on the command line: --config.spcl.mask_ratio=0.5.
-References in comments are to ../shared/docs/METHOD.md (shipped as docs/METHOD.md).
+References in comments (METHOD n) are to the sections of docs/method.md.
 """
 
 import ml_collections
@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.spcl = ml_collections.ConfigDict()
   config.spcl.mask_ratio = 0.6         # fraction of the N patches dropped (METHOD 2)
+  config.spcl.similarity = "tsp"       # a name in losses.SIMILARITIES: 'tsp' or 'cosine'
   config.spcl.kappa = 1 / 64           # T-SP concentration (METHOD 4)
   config.spcl.init_temperature = 0.07  # scale s starts at 1 / 0.07
   config.spcl.max_scale = 100.0        # s = exp(min(log_s, log max_scale))

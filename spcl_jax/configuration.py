@@ -59,10 +59,17 @@ def _check_spcl(config: ml_collections.ConfigDict) -> None:
     masking.view_size(num_patches, spcl.mask_ratio)
   except ValueError as e:
     raise ConfigError(f"config.spcl.mask_ratio={spcl.mask_ratio!r}: {e}") from None
+  _require(spcl.similarity in losses.SIMILARITIES,
+           f"config.spcl.similarity={spcl.similarity!r} must be one of "
+           f"{tuple(losses.SIMILARITIES)}")
   _require(spcl.kappa > 0, f"config.spcl.kappa={spcl.kappa!r} must be > 0")
   _require(spcl.init_temperature > 0,
            f"config.spcl.init_temperature={spcl.init_temperature!r} must be > 0")
-  _require(spcl.max_scale > 0, f"config.spcl.max_scale={spcl.max_scale!r} must be > 0")
+  _require(spcl.max_scale >= 1, f"config.spcl.max_scale={spcl.max_scale!r} must be >= 1")
+  # log_s is clamped to [0, log max_scale] after every update: a start outside is moved at once.
+  _require(1.0 / spcl.max_scale <= spcl.init_temperature <= 1.0,
+           f"config.spcl.init_temperature={spcl.init_temperature!r} must be in "
+           f"[1 / config.spcl.max_scale, 1] = [{1.0 / spcl.max_scale:g}, 1]")
   _require(spcl.negatives in losses.NEGATIVES,
            f"config.spcl.negatives={spcl.negatives!r} must be one of {losses.NEGATIVES}")
 

@@ -1,4 +1,5 @@
-"""T-SP similarity and the S-PCL InfoNCE loss (METHOD 4), single-device or across a mesh.
+"""The S-PCL InfoNCE loss with a similarity from a table (T-SP by default; METHOD 4), on one
+device or across a mesh.
 
 All math in float32. Under `jax.shard_map` pass `axis_name` (a mesh axis name or a tuple of
 them): each device keeps its local rows, gathers every z along those axes as columns, computes
@@ -10,14 +11,17 @@ same for the global batch of B images: [Z1_0..Z1_{B-1}, Z2_0..Z2_{B-1}].
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 AxisName = str | Sequence[str] | None
 NEGATIVES = ("all", "cross")
+# cosine of two L2-normalised embeddings -> similarity; the logits are similarity x scale.
+Similarity = Callable[[jax.Array], jax.Array]
 
 
 def tsp_similarity(cos: jax.Array, kappa: float) -> jax.Array:
@@ -25,9 +29,44 @@ def tsp_similarity(cos: jax.Array, kappa: float) -> jax.Array:
   return 0.5 * (1.0 + cos) / (1.0 + (1.0 - cos) * kappa)
 
 
+def cosine_similarity(cos: jax.Array) -> jax.Array:
+  """The cosine itself: plain InfoNCE (SimCLR/CLIP logits), the baseline T-SP is compared to."""
+  return cos
+
+
+# name -> (function of the cosine, the config.spcl fields it takes as keyword arguments). A new
+# similarity is a function and a row here (and its default in configs/default.py).
+SIMILARITIES: dict[str, tuple[Callable[..., jax.Array], tuple[str, ...]]] = {
+    "tsp": (tsp_similarity, ("kappa",)),
+    "cosine": (cosine_similarity, ()),
+}
+
+
+def make_similarity(name: str, params: Mapping[str, Any]) -> Similarity:
+  """The similarity `name` with its parameters (read from `params`, e.g. config.spcl) bound."""
+  if name not in SIMILARITIES:
+    raise ValueError(f"similarity must be one of {tuple(SIMILARITIES)}, got {name!r}")
+  function, fields = SIMILARITIES[name]
+  return functools.partial(function, **{field: params[field] for field in fields})
+
+
+def similarity_from_config(spcl_config: Any) -> Similarity:
+  """`config.spcl.similarity` with its parameters bound from the same section."""
+  return make_similarity(spcl_config.similarity, spcl_config)
+
+
 def logit_scale(log_scale: jax.Array, max_scale: float = 100.0) -> jax.Array:
   """s = exp(min(log_s, log max_scale)): clamped in the forward pass, no gradient above it."""
   return jnp.exp(jnp.minimum(jnp.asarray(log_scale, jnp.float32), jnp.log(max_scale)))
+
+
+def clamp_log_scale(log_scale: jax.Array, max_scale: float = 100.0) -> jax.Array:
+  """The parameter itself back into [0, log max_scale], applied after every optimiser update.
+
+  The forward clamp alone is a trap (open_clip clamps the parameter for this reason): above the
+  cap the gradient is 0, Adam's momentum keeps pushing log_s up, and it never comes back.
+  """
+  return jnp.clip(log_scale, 0.0, jnp.log(max_scale)).astype(jnp.asarray(log_scale).dtype)
 
 
 def l2_normalize(z: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -64,17 +103,19 @@ class PairLogits(NamedTuple):
   global_batch: int        # B
 
 
-def spcl_logits(z1: jax.Array, z2: jax.Array, log_scale: jax.Array, *, kappa: float,
+def spcl_logits(z1: jax.Array, z2: jax.Array, log_scale: jax.Array, *, similarity: Similarity,
                 max_scale: float = 100.0, axis_name: AxisName = None) -> PairLogits:
-  """T-SP logits of this device's 2b rows against all 2B embeddings, self-pairs masked out."""
+  """Similarity logits of this device's 2b rows against all 2B embeddings, self-pairs masked out."""
   b = z1.shape[0]
   rows = l2_normalize(jnp.concatenate([z1, z2], axis=0))                        # (2b, D)
   g1 = _gather_batch(l2_normalize(z1), axis_name)                               # (B, D)
   g2 = _gather_batch(l2_normalize(z2), axis_name)
   big_b = g1.shape[0]
   columns = jnp.concatenate([g1, g2], axis=0)                                   # (2B, D)
-  cos = jnp.clip(rows @ columns.T, -1.0, 1.0)
-  logits = tsp_similarity(cos, kappa) * logit_scale(log_scale, max_scale)
+  # Full float32 precision: the accelerators' default (TF32 on GPU, one bf16 pass on TPU) puts
+  # self-cosines above 1, where the clip zeroes their gradient.
+  cos = jnp.clip(jnp.matmul(rows, columns.T, precision=jax.lax.Precision.HIGHEST), -1.0, 1.0)
+  logits = similarity(cos) * logit_scale(log_scale, max_scale)
   example = _first_global_row(b, axis_name) + jnp.arange(b)                     # global ids
   self_col = jnp.concatenate([example, big_b + example])
   positive = jnp.concatenate([big_b + example, example])
@@ -109,25 +150,27 @@ def _retrieval_from_logits(pl: PairLogits, axis_name: AxisName) -> jax.Array:
   return _sum_over_devices(hits, axis_name) / (2 * pl.global_batch)
 
 
-def spcl_loss(z1: jax.Array, z2: jax.Array, log_scale: jax.Array, *, kappa: float,
+def spcl_loss(z1: jax.Array, z2: jax.Array, log_scale: jax.Array, *, similarity: Similarity,
               negatives: str = "all", axis_name: AxisName = None,
               max_scale: float = 100.0) -> jax.Array:
-  """InfoNCE with T-SP logits over the global batch; z1, z2: (local batch, D), unnormalised."""
-  return spcl_loss_and_retrieval(z1, z2, log_scale, kappa=kappa, negatives=negatives,
+  """InfoNCE over the global batch; z1, z2: (local batch, D), unnormalised."""
+  return spcl_loss_and_retrieval(z1, z2, log_scale, similarity=similarity, negatives=negatives,
                                  axis_name=axis_name, max_scale=max_scale)[0]
 
 
-def pair_retrieval_top1(z1: jax.Array, z2: jax.Array, *, kappa: float,
+def pair_retrieval_top1(z1: jax.Array, z2: jax.Array, *, similarity: Similarity,
                         axis_name: AxisName = None) -> jax.Array:
   """Share of the 2B rows whose best match (self excluded) is their partner; chance 1/(2B-1)."""
-  pl = spcl_logits(z1, z2, jnp.float32(0.0), kappa=kappa, axis_name=axis_name)
+  pl = spcl_logits(z1, z2, jnp.float32(0.0), similarity=similarity, axis_name=axis_name)
   return _retrieval_from_logits(pl, axis_name)
 
 
 def spcl_loss_and_retrieval(z1: jax.Array, z2: jax.Array, log_scale: jax.Array, *,
-                            kappa: float, negatives: str = "all", axis_name: AxisName = None,
+                            similarity: Similarity, negatives: str = "all",
+                            axis_name: AxisName = None,
                             max_scale: float = 100.0) -> tuple[jax.Array, jax.Array]:
   """The loss and the pair-retrieval top-1 from one logits matrix (what the train step uses)."""
-  pl = spcl_logits(z1, z2, log_scale, kappa=kappa, max_scale=max_scale, axis_name=axis_name)
+  pl = spcl_logits(z1, z2, log_scale, similarity=similarity, max_scale=max_scale,
+                   axis_name=axis_name)
   retrieval = jax.lax.stop_gradient(_retrieval_from_logits(pl, axis_name))
   return _loss_from_logits(pl, negatives, axis_name), retrieval

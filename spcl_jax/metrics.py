@@ -23,7 +23,7 @@ from spcl_jax.models.vit import variant_dims
 # Dense bf16 peak FLOP/s per device, by a substring of jax's `device_kind` (lowercase), first
 # match wins. Override with config.peak_flops_per_device for anything not listed.
 PEAK_FLOPS: tuple[tuple[str, float], ...] = (
-    ("h200", 989e12), ("h100", 989e12), ("gh200", 989e12),
+    ("h200", 989e12), ("h100", 989e12),  # also GH200 / GH100: the substring matches
     ("b200", 2250e12), ("a100", 312e12), ("l4", 121e12), ("a6000", 155e12),
     ("tpu v6", 918e12), ("tpu v5p", 459e12), ("tpu v5 lite", 197e12), ("tpu v5e", 197e12),
     ("tpu v5", 459e12), ("tpu v4", 275e12), ("tpu v3", 123e12),

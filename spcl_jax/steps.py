@@ -102,7 +102,7 @@ def sharded_loss_fn(mesh: Mesh, config: ml_collections.ConfigDict) -> Callable[.
   """spcl_loss_and_retrieval under shard_map: local z rows, negatives from every device."""
   axes = sharding.batch_axes(config)
   loss = functools.partial(
-      losses.spcl_loss_and_retrieval, kappa=config.spcl.kappa,
+      losses.spcl_loss_and_retrieval, similarity=losses.similarity_from_config(config.spcl),
       negatives=config.spcl.negatives, axis_name=axes, max_scale=config.spcl.max_scale)
   return jax.shard_map(loss, mesh=mesh, in_specs=(P(axes), P(axes), P()),
                        out_specs=(P(), P()))
@@ -130,10 +130,13 @@ def make_train_step(model: VisionTransformer, tx: optax.GradientTransformation, 
     (loss, retrieval), grads = jax.value_and_grad(forward, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    scale = losses.logit_scale(state.params["log_scale"], config.spcl.max_scale)
+    params["log_scale"] = losses.clamp_log_scale(params["log_scale"], config.spcl.max_scale)
+    log_scale = state.params["log_scale"]  # what this step's loss used
+    scale = losses.logit_scale(log_scale, config.spcl.max_scale)
     metrics = {
         "loss": loss,
         "retrieval_top1": retrieval,
+        "log_scale": log_scale,
         "scale": scale,
         "temperature": 1.0 / scale,
         "lr": schedule(state.step),

@@ -87,19 +87,19 @@ MIMIC_HEADER = ("dicom_id,subject_id,study_id,PerformedProcedureStepDescription,
 
 
 def mimic_row(dicom_id: str, subject: int, study: int, view: str) -> str:
-  return (f"{dicom_id},{subject},{study},CHEST (PA AND LAT),{view},40,48,21800506,213014.531,"
+  return (f"{dicom_id},{subject},{study},CHEST (PA AND LAT),{view},64,72,21800506,213014.531,"
           f"CHEST (PA AND LAT),postero-anterior,Erect")
 
 
 def write_mimic(root: pathlib.Path, rows: list[tuple[str, int, int, str]],
                 files: bool = True) -> None:
-  """rows: (dicom_id, subject_id, study_id, ViewPosition); one 40x48 JPEG per row."""
+  """rows: (dicom_id, subject_id, study_id, ViewPosition); one 64x72 JPEG per row."""
   write_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz", MIMIC_HEADER,
             [mimic_row(*row) for row in rows], gz=True)
   if files:
     for seed, (dicom_id, subject, study, _) in enumerate(rows):
       path = root / f"files/p{str(subject)[:2]}/p{subject}/s{study}/{dicom_id}.jpg"
-      write_jpeg(path, gradient(40, 48, seed))
+      write_jpeg(path, gradient(64, 72, seed))
 
 
 NIH_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"

@@ -31,8 +31,26 @@ def test_folder_source_finds_images_recursively_in_sorted_order(tmp_path):
   write_png(tmp_path / "a.png", rng.integers(0, 255, (8, 8), dtype=np.uint8))
   Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "c.JPEG")
   (tmp_path / "notes.txt").write_text("not an image")
-  src = sources.open_source(f"folder:{tmp_path}")
+  src = sources.open_source(f"folder:{tmp_path},min_side=8")
   assert [src[i]["name"] for i in range(len(src))] == ["a.png", "b/x.png", "c.JPEG"]
+
+
+def test_folder_image_below_the_minimum_side_is_an_error_naming_it(tmp_path):
+  write_png(tmp_path / "a_ok.png", np.zeros((64, 80), np.uint8))
+  write_png(tmp_path / "b_dot.png", np.zeros((1, 1), np.uint8))
+  write_png(tmp_path / "c_thin.png", np.zeros((200, 63), np.uint8))
+  src = sources.open_source(f"folder:{tmp_path}")  # Default minimum: 64 px.
+  assert src[0]["name"] == "a_ok.png"
+  with pytest.raises(ValueError, match=r"b_dot.png' is 1x1 px, a side below the minimum 64"):
+    src[1]
+  with pytest.raises(ValueError, match=r"c_thin.png' is 63x200 px"):
+    src[2]
+  lowered = sources.open_source(f"folder:{tmp_path},min_side=63")
+  assert lowered[2]["name"] == "c_thin.png"
+  with pytest.raises(ValueError, match="b_dot.png"):
+    lowered[1]
+  with pytest.raises(ValueError, match="min_side='x'"):
+    sources.open_source(f"folder:{tmp_path},min_side=x")
 
 
 def test_sixteen_bit_png_is_scaled_by_its_full_code_range(tmp_path):

@@ -1,5 +1,7 @@
 """read_manifest of each dataset on small fixtures in the official metadata formats."""
 
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -207,3 +209,20 @@ def test_problem_kinds_are_documented():
   problems = mf.Problems()
   with pytest.raises(KeyError):
     problems.add("oops", "x")
+  readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+  report_section = readme.split("### Reading the report")[1].split("\n### ")[0]
+  for kind in mf.PROBLEM_KINDS:
+    assert f"`{kind}`" in report_section, kind
+
+
+# --- NIH's 14 findings, pinned literally --------------------------------------------------------
+
+def test_nih_findings_are_the_official_fourteen_in_data_entry_order():
+  assert nih_chestxray14.LABELS == (
+      "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+      "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening",
+      "Hernia")
+  codes, _, _ = nih_chestxray14.parse_findings("Cardiomegaly|Effusion")
+  target = nih_chestxray14.targets(np.array([codes]))
+  assert target.dtype == np.float32
+  np.testing.assert_array_equal(target, [[0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]])

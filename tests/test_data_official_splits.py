@@ -36,7 +36,7 @@ def write_nih(root, *, lists=True, row_order_seed=None):
       rows.append(fx.nih_row(name, findings, patient))
       (test if patient in NIH_TEST_PATIENTS else train_val).append(name)
       if not (root / "images" / name).exists():
-        fx.write_png(root / "images" / name, fx.gradient(40, 40, patient * 3 + k))
+        fx.write_png(root / "images" / name, fx.gradient(64, 64, patient * 3 + k))
   if row_order_seed is not None:
     random.Random(row_order_seed).shuffle(rows)
   fx.write_csv(root / "Data_Entry_2017_v2020.csv", fx.NIH_HEADER, rows)
@@ -76,7 +76,12 @@ def nih(tmp_path_factory):
   before = {"records": _tree_digest(root / "out/tfds"),
             "index": (root / "out/records.csv").read_bytes(),
             "stems": sorted(p.stem for p in (root / "out/splits").glob("*.txt"))}
+  with pytest.raises(ValueError) as no_official:
+    LabelledSource(root / "out", split="test", scheme="official")
+  before["error"] = str(no_official.value)
   write_nih(root / "raw", lists=True)
+  # A split file an older version defined: not in the new SHA256SUMS, so it must go.
+  (root / "out/splits/obsolete.txt").write_text("00000001_000.png\n")
   assert prepare.main(["nih_chestxray14", "--out", str(root / "out"), "--splits-only"]) == 0
   return root, before
 
@@ -85,9 +90,12 @@ def test_splits_only_adds_official_splits_and_leaves_records_untouched(nih, caps
   root, before = nih
   out = root / "out"
   assert "official_train" not in before["stems"]
+  assert "has no split 'official_test'" in before["error"]
+  assert "train_val_list.txt" in before["error"] and "--splits-only" in before["error"]
   assert _tree_digest(out / "tfds") == before["records"]
   assert (out / "records.csv").read_bytes() == before["index"]
   stems = sorted(p.stem for p in (out / "splits").glob("*.txt"))
+  assert "obsolete" not in stems
   assert set(stems) == set(before["stems"]) | {
       *OFFICIAL, "official_train_10pct", "official_train_1pct", "official_train_val",
       "official_test"}
@@ -155,10 +163,15 @@ def test_splits_only_refuses_an_unfinished_or_other_folder(nih, tmp_path):
     prepare.main(["nih_chestxray14", "--out", str(tmp_path / "x")])
 
 
-def test_lists_sharing_a_patient_are_an_error_naming_it():
+def test_lists_sharing_a_patient_are_an_error_naming_it(tmp_path):
   patient_of = {"a": "p1", "b": "p1", "c": "p2"}
   with pytest.raises(ValueError, match="patient 'p1' is in both split 'official train_val list'"):
     splits.official_splits(["a", "c"], ["b"], patient_of)
+  write_nih(tmp_path / "raw")
+  with open(tmp_path / "raw/test_list.txt", "a") as f:  # one image of a train_val patient
+    f.write(f"{nih_name(2, 0)}\n")
+  with pytest.raises(SystemExit, match="error: .*raw.*patient '2' is in both"):
+    run_prepare("nih_chestxray14", tmp_path / "raw", tmp_path / "out")
 
 
 # --- CheXpert: valid.csv (frontal) is the test set ----------------------------------------------
@@ -175,7 +188,7 @@ def test_chexpert_official_test_is_valid_csv_frontal(tmp_path):
         rows[split].append(fx.chexpert_row(prefix, split, patient, study, view, frontal, cells))
         kind = "frontal" if frontal else "lateral"
         fx.write_jpeg(tmp_path / f"raw/{prefix}/{split}/patient{patient:05d}/study{study}/"
-                      f"view{view}_{kind}.jpg", fx.gradient(40, 48, patient * 5 + study))
+                      f"view{view}_{kind}.jpg", fx.gradient(64, 72, patient * 5 + study))
   for split in rows:
     fx.write_csv(tmp_path / f"raw/{prefix}/{split}.csv", fx.CHEXPERT_HEADER, rows[split])
   run_prepare("chexpert", tmp_path / "raw", tmp_path / "out")

@@ -2,6 +2,7 @@
 
 import json
 import random
+import tempfile
 
 import numpy as np
 import pytest
@@ -32,7 +33,7 @@ def write_nih(root, row_order_seed=None):
       findings = ["No Finding", "Effusion|Mass", "Hernia"][(patient + k) % 3]
       rows.append(fx.nih_row(name, findings, patient, "PA" if k == 0 else "AP"))
       if not (root / "images" / name).exists():
-        fx.write_png(root / "images" / name, fx.gradient(48, 40, patient * 2 + k, np.uint16))
+        fx.write_png(root / "images" / name, fx.gradient(72, 64, patient * 2 + k, np.uint16))
   if row_order_seed is not None:
     random.Random(row_order_seed).shuffle(rows)
   fx.write_csv(root / "Data_Entry_2017_v2020.csv", fx.NIH_HEADER, rows)
@@ -140,7 +141,7 @@ def write_chexpert(root):
                                          _cells(patient % 2 == 0)))
       path = (root / CHEX_PREFIX / split / f"patient{patient:05d}/study1/"
               f"view{view}_{'frontal' if frontal else 'lateral'}.jpg")
-      fx.write_jpeg(path, fx.gradient(40, 48, patient * 3 + view))
+      fx.write_jpeg(path, fx.gradient(64, 72, patient * 3 + view))
   fx.write_csv(root / CHEX_PREFIX / "train.csv", fx.CHEXPERT_HEADER, rows["train"])
   fx.write_csv(root / CHEX_PREFIX / "valid.csv", fx.CHEXPERT_HEADER, rows["valid"])
   truncated = root / CHEX_PREFIX / "train/patient00003/study1/view1_frontal.jpg"
@@ -179,3 +180,53 @@ def test_chexpert_bad_files_are_reported_and_the_run_completes(tmp_path, capsys)
     raw = (tmp_path / "raw" / CHEX_PREFIX / example["name"]).read_bytes()
     expected = decode.decode_image({"name": "x", "encoded": raw}, SIZE).astype(int)
     assert np.abs(_decoded(example).astype(int) - expected).max() <= 6  # JPEG q95 storage.
+
+
+# --- The report agrees with records.csv and the splits, whatever is wrong with the input --------
+
+def _read_records_index(out) -> list[str]:
+  lines = (out / "records.csv").read_text().splitlines()[1:]
+  return [line.split(",")[1] for line in lines]
+
+
+def test_report_agrees_with_records_and_splits_on_malformed_input(tmp_path, monkeypatch):
+  raw = tmp_path / "raw"
+  write_nih(raw)
+  rows = (raw / "Data_Entry_2017_v2020.csv").read_text().splitlines()
+  assert rows[7].startswith("00000004_000.png,Effusion|Mass,")  # Line 8.
+  rows[7] = rows[7].replace("Effusion|Mass", "Effusion,Mass")  # One cell more.
+  assert rows[3].startswith("00000002_000.png,Hernia,")  # Line 4.
+  rows.append(fx.nih_row("00000002_000.png", "Hernai", 2))  # A typo beside the valid row.
+  (raw / "Data_Entry_2017_v2020.csv").write_text("\n".join(rows) + "\n")
+  fx.write_png(raw / "images/00000005_000.png", np.zeros((1, 1), np.uint8))
+  fx.write_png(raw / "images_002/images/00000006_001.png", fx.gradient(72, 64, 99, np.uint16))
+  scratch = tmp_path / "tmp"
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+  run_prepare("nih_chestxray14", raw, tmp_path / "out")
+  assert list(scratch.iterdir()) == []  # No tmp*tfds folder is left behind.
+  report = json.loads((tmp_path / "out/report.json").read_text())
+  problems = {kind: [(item["name"], item["detail"]) for item in problem["items"]]
+              for kind, problem in report["problems"].items()}
+  assert sorted(problems) == ["bad_row", "duplicate_file", "too_small", "unknown_label"]
+  assert problems["bad_row"] == [("00000004_000.png", "Data_Entry_2017_v2020.csv line 8: "
+                                  "13 cells where the header has 12: '" + rows[7]
+                                  + "'; image excluded")]
+  assert problems["unknown_label"] == [(
+      "00000002_000.png", "Data_Entry_2017_v2020.csv line 42: unknown finding(s) ['Hernai']; "
+      "image excluded; valid row(s) Data_Entry_2017_v2020.csv line 4 ignored")]
+  assert problems["too_small"] == [("00000005_000.png", repr(str(raw / "images/00000005_000.png"))
+                                    + " is 1x1 px, a side below --min-side 64")]
+  assert [name for name, _ in problems["duplicate_file"]] == ["00000006_001.png"]
+  recorded = _read_records_index(tmp_path / "out")
+  split_dir = tmp_path / "out/splits"
+  listed = splits.read_split_file(split_dir / "all.txt")
+  excluded = {"00000002_000.png", "00000004_000.png"}
+  assert not excluded & (set(recorded) | set(listed))
+  for path in split_dir.glob("*.txt"):
+    assert not excluded & set(splits.read_split_file(path)), path.name
+  without_record = sorted(set(listed) - set(recorded))
+  assert without_record == ["00000005_000.png", "00000006_001.png"]  # too small, ambiguous file
+  assert set(recorded) <= set(listed)
+  assert report["counts"] == {"metadata_images": 38, "selected": 37, "records": 36}
+  assert report["splits"]["all.txt"]["without_record"] == 2

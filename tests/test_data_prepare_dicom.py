@@ -54,15 +54,22 @@ def test_rsna_monochrome1_is_stored_inverted_and_labels_are_max_target(tmp_path)
   assert first[0, 0] > 200 and first[-1, -1] < first[0, 0]  # Inverted: top-left is bright.
 
 
-def test_rsna_unreadable_dicom_is_reported(tmp_path):
+def test_rsna_unreadable_and_tiny_dicoms_are_reported(tmp_path):
   write_rsna(tmp_path / "raw", n=4)
   (tmp_path / "raw/stage_2_train_images/00000002-0000-4000-8000-000000000000.dcm").write_bytes(
       b"DICM but not really" * 20)
+  (tmp_path / "raw/stage_2_train_images/00000003-0000-4000-8000-000000000000.dcm").write_bytes(
+      fx.dicom_bytes(fx.gradient(64, 63, 3, np.uint16) >> 4))  # 63 columns: one too few.
   assert run_prepare("rsna_pneumonia", tmp_path / "raw", tmp_path / "out") == 0
   report = json.loads((tmp_path / "out/report.json").read_text())
   assert [i["name"] for i in report["problems"]["undecodable"]["items"]] == [
       "00000002-0000-4000-8000-000000000000"]
-  assert report["counts"]["records"] == 3
+  assert report["problems"]["too_small"]["items"] == [{
+      "name": "00000003-0000-4000-8000-000000000000",
+      "detail": repr(str(tmp_path / "raw/stage_2_train_images/"
+                         "00000003-0000-4000-8000-000000000000.dcm"))
+                + " is 63x64 px, a side below --min-side 64"}]
+  assert report["counts"]["records"] == 2
 
 
 def test_siim_masks_are_united_resized_nearest_and_stored_beside_the_image(tmp_path):

@@ -37,6 +37,20 @@ def test_settings_are_validated():
     records.EncodeSettings(encoding="webp")
   with pytest.raises(ValueError, match="--image-size 4"):
     records.EncodeSettings(image_size=4)
+  with pytest.raises(ValueError, match="--min-side 0"):
+    records.EncodeSettings(min_side=0)
+
+
+def test_images_below_the_minimum_side_are_too_small_and_the_minimum_is_a_setting(tmp_path):
+  fx.write_png(tmp_path / "wide.png", fx.gradient(20, 300, 1))
+  task = (0, "wide.png", "wide", ())
+  records.init_worker(str(tmp_path), "file", records.EncodeSettings(image_size=32))
+  assert records.process_entry(task) == (
+      0, None, "too_small", f"{str(tmp_path / 'wide.png')!r} is 300x20 px, a side below "
+      "--min-side 64")
+  records.init_worker(str(tmp_path), "file", records.EncodeSettings(image_size=32, min_side=20))
+  key, payload, kind, _ = records.process_entry(task)
+  assert (key, kind) == (0, "") and set(payload) == {"image"}
 
 
 def test_interrupted_preparation_is_redone_from_scratch(tmp_path):
@@ -44,7 +58,7 @@ def test_interrupted_preparation_is_redone_from_scratch(tmp_path):
   fx.write_csv(raw / "Data_Entry_2017.csv", fx.NIH_HEADER,
                [fx.nih_row(f"0000000{i}_000.png", "Mass", i) for i in range(1, 5)])
   for i in range(1, 5):
-    fx.write_png(raw / f"images/0000000{i}_000.png", fx.gradient(40, 40, i))
+    fx.write_png(raw / f"images/0000000{i}_000.png", fx.gradient(64, 64, i))
   argv = ["nih_chestxray14", "--src", str(raw), "--out", str(tmp_path / "out"),
           "--image-size", "16", "--workers", "1"]
   prepare.main(argv)

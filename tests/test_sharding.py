@@ -12,6 +12,10 @@ from configs import demo
 from spcl_jax import losses, optimizer, sharding, steps
 from spcl_jax.models.vit import build_encoder, encode_images
 
+
+def tsp(kappa):
+  return losses.make_similarity("tsp", {"kappa": kappa})
+
 AXES = ("data", "fsdp")
 
 
@@ -30,9 +34,10 @@ def test_loss_and_gradients_equal_single_device(negatives):
   z1 = jnp.asarray(rng.normal(size=(16, 32)), jnp.float32)
   z2 = jnp.asarray(rng.normal(size=(16, 32)), jnp.float32)
   log_s = jnp.float32(2.5)
-  single = functools.partial(losses.spcl_loss, kappa=1 / 64, negatives=negatives)
+  single = functools.partial(losses.spcl_loss, similarity=tsp(1 / 64), negatives=negatives)
   sharded = jax.shard_map(
-      functools.partial(losses.spcl_loss, kappa=1 / 64, negatives=negatives, axis_name=AXES),
+      functools.partial(losses.spcl_loss, similarity=tsp(1 / 64), negatives=negatives,
+                        axis_name=AXES),
       mesh=mesh_4x2(), in_specs=(P(AXES), P(AXES), P()), out_specs=P())
   loss1, g1 = jax.value_and_grad(single, argnums=(0, 1, 2))(z1, z2, log_s)
   loss8, g8 = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1, 2)))(z1, z2, log_s)
@@ -47,7 +52,7 @@ def test_each_device_computes_local_rows_by_global_columns():
   z = jnp.asarray(np.random.default_rng(1).normal(size=(16, 8)), jnp.float32)
 
   def local_logits(z1, z2):
-    pl = losses.spcl_logits(z1, z2, jnp.float32(1.0), kappa=0.1, axis_name=AXES)
+    pl = losses.spcl_logits(z1, z2, jnp.float32(1.0), similarity=tsp(0.1), axis_name=AXES)
     return pl.logits, pl.positive
 
   logits, positive = jax.jit(jax.shard_map(
@@ -56,7 +61,7 @@ def test_each_device_computes_local_rows_by_global_columns():
   # 8 devices x (2 * 2 local rows) stacked; each block has all 2 * 16 columns.
   assert logits.shape == (8 * 4, 32)
   assert logits.addressable_shards[0].data.shape == (4, 32)
-  full = losses.spcl_logits(z, z[::-1], jnp.float32(1.0), kappa=0.1)
+  full = losses.spcl_logits(z, z[::-1], jnp.float32(1.0), similarity=tsp(0.1))
   # Device d's rows are its 2 view-1 rows then its 2 view-2 rows.
   for d in range(8):
     rows = np.r_[2 * d:2 * d + 2, 16 + 2 * d:16 + 2 * d + 2]

@@ -1,5 +1,6 @@
 """train_and_evaluate end to end on the bundled CXRs: learning, checkpoints, exact resume."""
 
+import dataclasses
 import json
 import shutil
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from spcl_jax import checkpoint, run_info, train
+from spcl_jax import checkpoint, optimizer, run_info, steps, train
 from spcl_jax.configuration import ConfigError
 
 
@@ -62,6 +63,15 @@ def test_training_lowers_the_loss_and_writes_everything(finished_run):
   assert info["model"]["variant"] == "mu/16" and info["model"]["image_size"] == 64
   assert info["normalization"] == {"mean": 0.5056, "std": 0.252}
   assert info["config"]["spcl"]["mask_ratio"] == 0.6
+
+
+def test_logged_lr_is_the_one_each_step_used(finished_run):
+  workdir, _ = finished_run
+  schedule = optimizer.learning_rate_schedule(quick_config())
+  logged = {r["step"]: r["lr"] for r in read_metrics(workdir) if "lr" in r}
+  assert logged[1] == 0.0  # warmup starts at 0: step 1 updates with schedule(0)
+  for step, lr in logged.items():
+    assert lr == pytest.approx(float(schedule(step - 1)), abs=1e-9), step  # float32 vs float64
 
 
 def test_restart_after_a_checkpoint_logs_identical_losses(finished_run, tmp_path):
@@ -120,3 +130,45 @@ def test_bad_config_values_are_named(tmp_path, field, value, message):
   assert jax.device_count() == 8
   with pytest.raises(ConfigError, match=message):
     train.train_and_evaluate(config, str(tmp_path))
+
+
+def key_data(key):
+  return tuple(np.asarray(jax.random.key_data(key)).ravel())
+
+
+def test_step_keys_eval_keys_and_a_non_finite_grad_norm(tmp_path, monkeypatch):
+  """Records the keys the loop hands to the jitted steps and injects grad_norm=inf at step 3.
+
+  Each step gets fold_in(train key, step - 1) (new masks every step), evaluation gets keys from
+  its own branch of the seed, and a non-finite grad_norm with a finite loss stops the run before
+  step 3's state is checkpointed.
+  """
+  seen = {"train": [], "eval": []}
+  build = steps.build_training
+
+  def recording_build(config, mesh):
+    training = build(config, mesh)
+
+    def train_step(state, images, key):
+      seen["train"].append(key_data(key))
+      state, metrics = training.train_step(state, images, key)
+      if len(seen["train"]) == 3:
+        metrics = {**metrics, "grad_norm": metrics["grad_norm"] * np.inf}
+      return state, metrics
+
+    def eval_step(params, images, key):
+      seen["eval"].append(key_data(key))
+      return training.eval_step(params, images, key)
+    return dataclasses.replace(training, train_step=train_step, eval_step=eval_step)
+
+  monkeypatch.setattr(steps, "build_training", recording_build)
+  config = quick_config(total_steps=6, checkpoint_every_steps=1)
+  with pytest.raises(train.NonFiniteLossError, match="grad_norm is inf at step 3"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert checkpoint.available_steps(tmp_path) == [1, 2]
+  root = jax.random.key(config.seed)
+  train_key, eval_key = jax.random.fold_in(root, 1), jax.random.fold_in(root, 2)
+  assert seen["train"][:3] == [key_data(jax.random.fold_in(train_key, s)) for s in range(3)]
+  assert seen["eval"] == [key_data(jax.random.fold_in(eval_key, i))
+                          for i in range(len(seen["eval"]))]
+  assert seen["eval"] and not set(seen["eval"]) & set(seen["train"])

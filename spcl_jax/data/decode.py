@@ -14,6 +14,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+# Images with a smaller side are refused (prepare: too_small; folder: an error): resized to the
+# model's input, a 1x1 image becomes a flat square that would train as if it were a radiograph.
+MIN_IMAGE_SIDE = 64
+
 _RESIZE_FILTERS = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
@@ -72,6 +76,15 @@ def resize_to_uint8(image: np.ndarray | Image.Image, size: int, resize_filter: s
     image = np.asarray(
         Image.fromarray(image.astype(np.float32), mode="F").resize((size, size), resample=resample))
   return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+
+
+def encoded_size(data: bytes, name: str) -> tuple[int, int]:
+  """(width, height) of PNG/JPEG/... bytes from the header alone (no pixels are decoded)."""
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      return im.size
+  except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+    raise ValueError(f"cannot decode image {name!r}: {e}") from e
 
 
 def decode_image(record: dict[str, Any], image_size: int, resize_filter: str = "bilinear"

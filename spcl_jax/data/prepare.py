@@ -15,6 +15,7 @@ metadata, e.g. to add split files that a newer version defines; records are not 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import json
@@ -22,8 +23,10 @@ import os
 import pathlib
 import shutil
 import sys
+import tempfile
 import time
 
+from spcl_jax.data import decode
 from spcl_jax.data import splits as splits_lib
 from spcl_jax.data.datasets import DATASET_NAMES, dataset_module
 from spcl_jax.data.datasets import manifest as mf
@@ -46,6 +49,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       help="jpeg (quality 95, default: 2x smaller, 3x faster to decode) or png "
                       "(lossless)")
   parser.add_argument("--resize-filter", default="bilinear")
+  parser.add_argument("--min-side", type=int, default=decode.MIN_IMAGE_SIDE,
+                      help="images with a side below this many pixels are skipped and reported "
+                      "as too_small (default 64)")
   parser.add_argument("--views", choices=VIEWS, default="frontal",
                       help="frontal: PA/AP only (default); all: keep laterals (MIMIC "
                       "pre-training can then choose with prepared:...,views=all)")
@@ -103,10 +109,20 @@ def make_splits(module, manifest: mf.Manifest, views: str) -> dict[str, list[str
   return splits
 
 
+def splits_or_exit(module, manifest: mf.Manifest, views: str, src: pathlib.Path
+                   ) -> dict[str, list[str]]:
+  """make_splits, with a metadata error (e.g. a patient in both official lists) as one line."""
+  try:
+    return make_splits(module, manifest, views)
+  except ValueError as e:
+    raise SystemExit(f"error: {str(src)!r}: {e}") from None
+
+
 def _settings_of(args: argparse.Namespace) -> dict:
   return {"dataset": args.dataset, "views": args.views,
           **dataclasses.asdict(records.EncodeSettings(args.image_size, args.encoding,
-                                                      resize_filter=args.resize_filter))}
+                                                      resize_filter=args.resize_filter,
+                                                      min_side=args.min_side))}
 
 
 def finished_report(out: pathlib.Path, settings: dict) -> dict | None:
@@ -133,6 +149,19 @@ def _remove_unfinished(records_dir: pathlib.Path) -> None:
     shutil.rmtree(records_dir)
 
 
+@contextlib.contextmanager
+def _scratch_tempdir():
+  """Points `tempfile` at a folder of ours and removes it afterwards: TFDS's builder makes a
+  `tmp*tfds` folder (for DatasetInfo it would fetch from GCS) that it never deletes."""
+  previous = tempfile.tempdir
+  with tempfile.TemporaryDirectory(prefix="spcl_prepare_") as scratch:
+    tempfile.tempdir = scratch
+    try:
+      yield
+    finally:
+      tempfile.tempdir = previous
+
+
 def build_records(module, args, src, out, entries, problems) -> list[mf.Entry]:
   """Writes the records (skipped by TFDS when already complete); returns the written entries."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -155,11 +184,12 @@ def build_records(module, args, src, out, entries, problems) -> list[mf.Entry]:
   tfds_dir = out / "tfds"
   _remove_unfinished(tfds_dir / records.builder_name(module.NAME))
   settings = records.EncodeSettings(args.image_size, args.encoding,
-                                    resize_filter=args.resize_filter)
-  builder = records.make_builder(module, data_dir=tfds_dir, src=src, entries=entries,
-                                 settings=settings, workers=args.workers, on_result=on_result)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=str(src), compute_stats=tfds.download.ComputeStatsMode.SKIP))
+                                    resize_filter=args.resize_filter, min_side=args.min_side)
+  with _scratch_tempdir():
+    builder = records.make_builder(module, data_dir=tfds_dir, src=src, entries=entries,
+                                   settings=settings, workers=args.workers, on_result=on_result)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=str(src), compute_stats=tfds.download.ComputeStatsMode.SKIP))
   bar.close()
   return [entry for entry, ok in zip(entries, written) if ok]
 
@@ -213,7 +243,7 @@ def prepare(args: argparse.Namespace) -> dict:
   start = time.time()
   module = dataset_module(args.dataset)
   metadata = module.read_manifest(src, check_files=False)
-  splits = make_splits(module, metadata, args.views)
+  splits = splits_or_exit(module, metadata, args.views, src)
   manifest = module.read_manifest(src, check_files=True)
   # Records in name order: the same record indices for every copy of the metadata.
   selected = sorted(select_views(manifest.entries, args.views, manifest.problems),
@@ -256,7 +286,7 @@ def rewrite_splits(args: argparse.Namespace) -> dict:
   module = dataset_module(args.dataset)
   metadata = module.read_manifest(src, check_files=False)
   views = report["settings"]["views"]
-  splits = make_splits(module, metadata, views)
+  splits = splits_or_exit(module, metadata, views, src)
   split_dir = out / "splits"
   # A file that is not in the new SHA256SUMS could not be verified: remove it.
   stale = sorted(p for p in split_dir.glob("*.txt") if p.stem not in splits)

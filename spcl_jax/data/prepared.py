@@ -1,8 +1,8 @@
 """Readers of a prepared folder (`python -m spcl_jax.data.prepare ... --out OUT_DIR`).
 
 Pre-training: `config.data.source = "prepared:OUT_DIR[,split=S][,views=V][,fraction=F]"`
-  split     all (default) | train | val | test | official_train_val | official_test (NIH), i.e.
-            any OUT_DIR/splits/<split>.txt
+  split     all (default) | train | val | test | official_train | official_val |
+            official_test | official_train_val (NIH, CheXpert), i.e. any OUT_DIR/splits/<split>.txt
   views     frontal (default: PA/AP only) | all (laterals too, if prepared with --views all)
   fraction  100 (default) | 10 | 1: percent of the train split (split=train only), nested
   e.g. "prepared:/data/mimic", "prepared:/data/chexpert,split=train,fraction=10".
@@ -259,8 +259,9 @@ def read_split_lists(folder: PreparedFolder, split_files) -> dict[str, list[str]
     if missing:
       line, name = missing[0]
       raise ValueError(f"{str(path)!r} line {line}: image {name!r} is not in the prepared "
-                       f"folder {str(folder.out_dir)!r} (not in its splits/all.txt; "
-                       f"{len(missing)} of the file's {len(listed)} names are unknown)")
+                       f"folder {str(folder.out_dir)!r} (not in its splits/all.txt, prepared "
+                       f"with --views {folder.report['settings'].get('views')}; {len(missing)} "
+                       f"of the file's {len(listed)} names are unknown)")
     for line, name in listed:
       if name in seen:
         other_split, other_file, other_line = seen[name]

@@ -10,13 +10,16 @@ Keys and layouts (METHOD.md section 8):
   blocks.{i}.norm1/norm2, mlp.fc1/fc2   <- LayerNorm_0/1, MlpBlock_0/Dense_0/1 (kernels transposed)
   norm                                  <- Transformer/encoder_norm
 
-Medical MAE's ViT is timm's with the same keys, so both formats use this one mapping.
+Medical MAE's ViT is timm's with the same keys, so both formats use this one mapping, and
+importing (`spcl_jax/export/importing.py`) runs the same table backwards (`params_from_timm`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+import flax
 import numpy as np
 
 from spcl_jax.models.vit import sincos_2d_posemb
@@ -59,41 +62,97 @@ def pos_embed_with_cls_row(grid_size: int, width: int) -> np.ndarray:
   return np.concatenate([np.zeros((1, width), np.float32), table], axis=0)[None]
 
 
-def _linear(dense: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-  """Flax Dense (in, out) kernel -> torch Linear (out, in) weight, bias unchanged."""
-  return np.asarray(dense["kernel"]).T, np.asarray(dense["bias"])
+# --- the one table: timm key <-> our parameter path(s), and how the array changes ----------------
+#
+# Kinds (the first layout is ours, the second timm's):
+#   copy         same array                      (biases, LayerNorm, CLS)
+#   linear       Dense kernel (in, out) <-> torch Linear weight (out, in)
+#   patch        conv kernel (P, P, C, D) <-> (D, C, P, P)
+#   qkv_kernel   query, key, value kernels (D, H, Dh) <-> one (3D, D) weight. Flattening (H, Dh)
+#                gives output feature h * Dh + dh, the order in which timm splits qkv into heads.
+#   qkv_bias     query, key, value biases (H, Dh) <-> one (3D,) bias
+#   out_kernel   out kernel (H, Dh, D), input feature h * Dh + dh <-> proj weight (D, D)
 
 
-def _layer_norm(prefix: str, ln: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  return {f"{prefix}.weight": np.asarray(ln["scale"]), f"{prefix}.bias": np.asarray(ln["bias"])}
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  timm_key: str
+  paths: tuple[str, ...]  # '/'-joined paths in our parameter tree
+  kind: str
 
 
-def _attention(prefix: str, mha: dict[str, Any]) -> dict[str, np.ndarray]:
-  # query/key/value kernels are (D, H, Dh); flattening (H, Dh) gives the output feature
-  # h * Dh + dh, the order in which timm splits qkv into heads.
-  width = np.shape(mha["query"]["kernel"])[0]
-  qkv_w = [np.asarray(mha[n]["kernel"]).reshape(width, -1).T for n in ("query", "key", "value")]
-  qkv_b = [np.asarray(mha[n]["bias"]).reshape(-1) for n in ("query", "key", "value")]
-  out_kernel = np.asarray(mha["out"]["kernel"])  # (H, Dh, D): input feature h * Dh + dh
-  return {
-      f"{prefix}.qkv.weight": np.concatenate(qkv_w, axis=0),
-      f"{prefix}.qkv.bias": np.concatenate(qkv_b, axis=0),
-      f"{prefix}.proj.weight": out_kernel.reshape(-1, out_kernel.shape[-1]).T,
-      f"{prefix}.proj.bias": np.asarray(mha["out"]["bias"]),
-  }
+def _block_entries(i: int) -> list[Entry]:
+  t, o = f"blocks.{i}", f"Transformer/encoderblock_{i}"
+  attn = f"{o}/MultiHeadDotProductAttention_0"
+  entries = [
+      Entry(f"{t}.norm1.weight", (f"{o}/LayerNorm_0/scale",), "copy"),
+      Entry(f"{t}.norm1.bias", (f"{o}/LayerNorm_0/bias",), "copy"),
+      Entry(f"{t}.attn.qkv.weight", tuple(f"{attn}/{n}/kernel" for n in QKV), "qkv_kernel"),
+      Entry(f"{t}.attn.qkv.bias", tuple(f"{attn}/{n}/bias" for n in QKV), "qkv_bias"),
+      Entry(f"{t}.attn.proj.weight", (f"{attn}/out/kernel",), "out_kernel"),
+      Entry(f"{t}.attn.proj.bias", (f"{attn}/out/bias",), "copy"),
+      Entry(f"{t}.norm2.weight", (f"{o}/LayerNorm_1/scale",), "copy"),
+      Entry(f"{t}.norm2.bias", (f"{o}/LayerNorm_1/bias",), "copy"),
+  ]
+  for j in (0, 1):
+    dense = f"{o}/MlpBlock_0/Dense_{j}"
+    entries += [Entry(f"{t}.mlp.fc{j + 1}.weight", (f"{dense}/kernel",), "linear"),
+                Entry(f"{t}.mlp.fc{j + 1}.bias", (f"{dense}/bias",), "copy")]
+  return entries
 
 
-def _block(i: int, block: dict[str, Any]) -> dict[str, np.ndarray]:
-  prefix = f"blocks.{i}"
-  out = {}
-  out.update(_layer_norm(f"{prefix}.norm1", block["LayerNorm_0"]))
-  out.update(_attention(f"{prefix}.attn", block["MultiHeadDotProductAttention_0"]))
-  out.update(_layer_norm(f"{prefix}.norm2", block["LayerNorm_1"]))
-  for j, dense in enumerate(("Dense_0", "Dense_1")):
-    weight, bias = _linear(block["MlpBlock_0"][dense])
-    out[f"{prefix}.mlp.fc{j + 1}.weight"] = weight
-    out[f"{prefix}.mlp.fc{j + 1}.bias"] = bias
-  return out
+QKV = ("query", "key", "value")
+
+
+def encoder_table(depth: int, final_norm: bool = True) -> list[Entry]:
+  """Every encoder parameter of a depth-`depth` ViT (`final_norm=False`: without the final
+  LayerNorm, as in a classifier pooled through fc_norm, where timm has no `norm`). pos_embed is
+  not in it: in this project positions are a fixed table, not a parameter (see
+  `pos_embed_with_cls_row`)."""
+  table = [Entry("cls_token", ("cls",), "copy"),
+           Entry("patch_embed.proj.weight", ("embedding/kernel",), "patch"),
+           Entry("patch_embed.proj.bias", ("embedding/bias",), "copy")]
+  for i in range(depth):
+    table += _block_entries(i)
+  if final_norm:
+    table += [Entry("norm.weight", ("Transformer/encoder_norm/scale",), "copy"),
+              Entry("norm.bias", ("Transformer/encoder_norm/bias",), "copy")]
+  return table
+
+
+def to_timm(kind: str, arrays: list[np.ndarray]) -> np.ndarray:
+  """Our array(s) of one table entry -> timm's array."""
+  if kind == "copy":
+    return arrays[0]
+  if kind == "linear":
+    return arrays[0].T
+  if kind == "patch":
+    return arrays[0].transpose(3, 2, 0, 1)
+  if kind == "qkv_kernel":
+    return np.concatenate([a.reshape(a.shape[0], -1).T for a in arrays], axis=0)
+  if kind == "qkv_bias":
+    return np.concatenate([a.reshape(-1) for a in arrays], axis=0)
+  if kind == "out_kernel":
+    return arrays[0].reshape(-1, arrays[0].shape[-1]).T
+  raise KeyError(f"unknown layout kind {kind!r}")
+
+
+def from_timm(kind: str, array: np.ndarray, num_heads: int) -> list[np.ndarray]:
+  """timm's array of one table entry -> our array(s): `to_timm` run backwards."""
+  if kind == "copy":
+    return [array]
+  if kind == "linear":
+    return [array.T]
+  if kind == "patch":
+    return [array.transpose(2, 3, 1, 0)]
+  if kind == "qkv_kernel":
+    width = array.shape[1]
+    return [part.T.reshape(width, num_heads, -1) for part in np.split(array, 3, axis=0)]
+  if kind == "qkv_bias":
+    return [part.reshape(num_heads, -1) for part in np.split(array, 3, axis=0)]
+  if kind == "out_kernel":
+    return [array.T.reshape(num_heads, -1, array.shape[0])]
+  raise KeyError(f"unknown layout kind {kind!r}")
 
 
 def num_blocks(params: dict[str, Any]) -> int:
@@ -108,21 +167,27 @@ def num_blocks(params: dict[str, Any]) -> int:
 def timm_state_dict(params: dict[str, Any], grid_size: int, in_chans: int
                     ) -> dict[str, np.ndarray]:
   """The encoder's parameters as timm `VisionTransformer(num_classes=0)` arrays, float32."""
-  kernel = spread_over_channels(np.asarray(params["embedding"]["kernel"]), in_chans)
-  width = kernel.shape[-1]
-  state = {
-      "cls_token": np.asarray(params["cls"]),
-      "pos_embed": pos_embed_with_cls_row(grid_size, width),
-      "patch_embed.proj.weight": kernel.transpose(3, 2, 0, 1),  # (P, P, C, D) -> (D, C, P, P)
-      "patch_embed.proj.bias": np.asarray(params["embedding"]["bias"]),
-  }
-  transformer = params["Transformer"]
-  for i in range(num_blocks(params)):
-    state.update(_block(i, transformer[f"encoderblock_{i}"]))
-  if "encoder_norm" in transformer:  # absent in a classifier pooled with fc_norm instead
-    state.update(_layer_norm("norm", transformer["encoder_norm"]))
+  flat = {k: np.asarray(v) for k, v in
+          flax.traverse_util.flatten_dict(params, sep="/").items()}
+  flat["embedding/kernel"] = spread_over_channels(flat["embedding/kernel"], in_chans)
+  # A classifier pooled with fc_norm has no final norm (timm's `norm` is then the identity).
+  final_norm = "encoder_norm" in params["Transformer"]
+  state = {entry.timm_key: to_timm(entry.kind, [flat[p] for p in entry.paths])
+           for entry in encoder_table(num_blocks(params), final_norm)}
+  state["pos_embed"] = pos_embed_with_cls_row(grid_size, flat["embedding/kernel"].shape[-1])
   # Contiguous float32: safetensors refuses strided views, torch.load keeps whatever it gets.
   return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}
+
+
+def params_from_timm(state: dict[str, np.ndarray], depth: int, num_heads: int
+                     ) -> dict[str, Any]:
+  """Our nested encoder parameters from a timm state dict holding every `encoder_table` key."""
+  flat = {}
+  for entry in encoder_table(depth):
+    for path, array in zip(entry.paths,
+                           from_timm(entry.kind, np.asarray(state[entry.timm_key]), num_heads)):
+      flat[path] = np.ascontiguousarray(array, dtype=np.float32)
+  return flax.traverse_util.unflatten_dict(flat, sep="/")
 
 
 def timm_kwargs(model_info: dict[str, Any], in_chans: int) -> dict[str, Any]:

@@ -9,7 +9,7 @@ Quirks (METHOD §7):
 - No patient column: the patient is the patientNNNNN part of the path.
 - train.csv and valid.csv are pooled before the 7:2:1 split; frontal views only. The official
   scheme keeps them apart instead (`official_lists`): valid.csv is the test set, as in Medical
-  MAE and the competition, and validation is carved by patient out of train.csv.
+  MAE, and validation is carved by patient out of train.csv.
 - Label cells: 1 positive, 0 negative, -1 uncertain, blank = not mentioned (-> 0 as a target).
   The uncertainty policy is a reader option (`targets`), so one preparation serves every policy.
 """
@@ -74,34 +74,42 @@ def read_manifest(src, *, check_files: bool = True) -> mf.Manifest:
   root = _root(src)
   prefix = root.relative_to(src).as_posix()
   problems = mf.Problems()
+  exclusions = mf.Exclusions()
   entries: dict[str, mf.Entry] = {}
+  valid_rows_of: dict[str, list[str]] = {}
   for csv_name in CSV_FILES:
     csv_path = root / csv_name
     if not csv_path.is_file():
       raise FileNotFoundError(f"CheXpert {csv_name} not found at {str(csv_path)!r}: the paper "
                               "pools train.csv and valid.csv, both are needed")
-    for line, row in mf.read_csv_rows(csv_path, _COLUMNS):
-      name = canonical_name(row["Path"])
-      where = f"{csv_name} line {line}"
+    for row in mf.read_csv_rows(csv_path, _COLUMNS):
+      if row.cells is None:
+        exclusions.add("bad_row", canonical_name(row.cell_at("Path")), row.where, row.error)
+        continue
+      name = canonical_name(row.cells["Path"])
       patient = _PATIENT.search(name)
       if not name or patient is None:
-        problems.add("bad_row", name or where, f"{where}: no patientNNNNN in Path {row['Path']!r}")
+        exclusions.add("bad_row", name, row.where, f"no patientNNNNN in Path "
+                       f"{row.cells['Path']!r}")
         continue
-      labels, why = _labels(row)
+      labels, why = _labels(row.cells)
       if labels is None:
-        problems.add("unknown_label", name, f"{where}: {why}; image excluded")
+        exclusions.add("unknown_label", name, row.where, why)
         continue
       path = name if prefix == "." else f"{prefix}/{name}"
-      entry = mf.Entry(name=name, path=path, patient=patient.group(1), view=_view(row),
+      entry = mf.Entry(name=name, path=path, patient=patient.group(1), view=_view(row.cells),
                        labels=labels)
-      mf.keep_first_entry(entries, entry, problems, where)
-  kept = list(entries.values())
+      valid_rows_of.setdefault(name, []).append(row.where)
+      mf.keep_first_entry(entries, entry, problems, row.where)
+  exclusions.report(problems, valid_rows_of)
+  kept = [entry for name, entry in entries.items() if name not in exclusions.names]
   if check_files:
     scanned = [f"{prefix}/{d}" if prefix != "." else d for d in ("train", "valid")]
     present = set()
     for directory in scanned:
       present |= {f"{directory}/{rel}" for rel in mf.files_on_disk(src / directory, (".jpg",))}
-    kept = mf.check_listed_files(src, kept, problems, present, scanned)
+    excluded_paths = {name if prefix == "." else f"{prefix}/{name}" for name in exclusions.names}
+    kept = mf.check_listed_files(src, kept, problems, present, scanned, excluded_paths)
   return mf.Manifest(NAME, kept, problems, LABELS)
 
 

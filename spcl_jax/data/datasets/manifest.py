@@ -13,7 +13,7 @@ import dataclasses
 import gzip
 import io
 import pathlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 # Raw label codes, stored as they are so that the uncertainty policy stays a reader option.
 POSITIVE, NEGATIVE, UNCERTAIN, BLANK = 1, 0, -1, -2
@@ -25,8 +25,13 @@ PROBLEM_KINDS = {
     "unlisted_file": "image on disk that no metadata row lists (ignored)",
     "duplicate_row": "a row repeating an earlier row for the same image (the repeat is ignored)",
     "conflicting_rows": "rows for one image that disagree (resolution given in detail)",
-    "unknown_label": "a label value outside the dataset's vocabulary (image excluded)",
-    "bad_row": "a row with a missing or malformed field (image excluded)",
+    "unknown_label": "a label value outside the dataset's vocabulary (image excluded, with "
+                     "every other row naming it)",
+    "bad_row": "a row with a missing or malformed field, or more or fewer cells than the header "
+               "(image excluded, with every other row naming it)",
+    "duplicate_file": "one image name found in several folders (identical copies: the first "
+                      "path in sorted order is used; different files: image excluded)",
+    "too_small": "image with a side below --min-side pixels (skipped)",
     "blank_view": "no view position in the metadata (excluded where frontal views are asked)",
     "non_frontal": "a lateral or other non-frontal view (excluded where frontal views are asked)",
     "undecodable": "file unreadable, truncated or not a valid image (skipped)",
@@ -67,10 +72,6 @@ class Problems:
 
   def names(self, kind: str) -> list[str]:
     return [item["name"] for item in self.items.get(kind, ())]
-
-  def merge(self, other: "Problems") -> None:
-    for kind, items in other.items.items():
-      self.items.setdefault(kind, []).extend(items)
 
   def to_json(self) -> dict[str, dict]:
     return {kind: {"count": len(items), "meaning": PROBLEM_KINDS[kind], "items": items}
@@ -114,27 +115,94 @@ def find_first(src: pathlib.Path, patterns: Sequence[str], what: str) -> pathlib
   raise FileNotFoundError(f"{what}: none of {', '.join(patterns)} found under {str(src)!r}")
 
 
-def read_csv_rows(path: pathlib.Path, required: Iterable[str]) -> Iterator[tuple[int, dict]]:
-  """(line number, row) for a .csv or .csv.gz; header names are stripped of spaces.
+@dataclasses.dataclass(frozen=True)
+class CsvRow:
+  """One CSV record. `cells` is None when its width differs from the header's (`error` says
+  so): a cut row loses its last labels and a row with one extra cell shifts every later one, so
+  no cell of it can be trusted as a label. `cell_at` still reads a key column, to know which
+  image to exclude."""
+  where: str  # "train.csv line 7" (or "lines 7-9" for a quoted cell spanning lines).
+  cells: dict[str, str] | None
+  raw: list[str]
+  header: tuple[str, ...]
+  error: str = ""
+
+  def cell_at(self, column: str) -> str:
+    index = self.header.index(column)
+    return self.raw[index].strip() if index < len(self.raw) else ""
+
+
+def _lines_kept(lines: Iterator[str], consumed: list[str]) -> Iterator[str]:
+  # csv.reader gives cells, not the text they came from; the report quotes the text.
+  for line in lines:
+    consumed.append(line)
+    yield line
+
+
+def read_csv_rows(path: pathlib.Path, required: Iterable[str]) -> Iterator[CsvRow]:
+  """Every non-blank record of a .csv or .csv.gz; header names are stripped of spaces.
 
   Stripping matters: SIIM's header is "ImageId, EncodedPixels" with a leading space.
   """
   opener = gzip.open if path.suffix == ".gz" else open
   with opener(path, "rb") as raw:
+    consumed: list[str] = []
     text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
-    reader = csv.reader(text)
+    reader = csv.reader(_lines_kept(text, consumed))
     try:
-      header = [column.strip() for column in next(reader)]
+      header = tuple(column.strip() for column in next(reader))
     except StopIteration:
       raise ValueError(f"{str(path)!r} is empty: expected a CSV header") from None
     missing = [column for column in required if column not in header]
     if missing:
-      raise ValueError(f"{str(path)!r}: missing column(s) {missing}; header is {header}")
-    for row in reader:
-      if not any(cell.strip() for cell in row):
+      raise ValueError(f"{str(path)!r}: missing column(s) {missing}; header is {list(header)}")
+    consumed.clear()
+    while True:
+      try:
+        row, error = next(reader), ""
+      except StopIteration:
+        return
+      except csv.Error as e:  # E.g. a quote left open makes one cell of the lines after it.
+        row, error = [], f"unreadable CSV record ({e})"
+      first_line = reader.line_num - len(consumed) + 1
+      lines = (f"line {first_line}" if first_line == reader.line_num
+               else f"lines {first_line}-{reader.line_num}")
+      record_text = "".join(consumed).rstrip("\r\n")
+      consumed.clear()
+      if not error and not any(cell.strip() for cell in row):
         continue
-      yield reader.line_num, {column: (row[i].strip() if i < len(row) else "")
-                              for i, column in enumerate(header)}
+      if not error and len(row) != len(header):
+        error = (f"{len(row)} cells where the header has {len(header)}: "
+                 f"{record_text[:300]!r}")
+      cells = None if error else dict(zip(header, (cell.strip() for cell in row)))
+      yield CsvRow(f"{path.name} {lines}", cells, row, header, error)
+
+
+class Exclusions:
+  """Images that one bad row excludes, whatever their other rows say.
+
+  A row that cannot be read may be the one that carried the right label (or a mask region, or
+  a box), so the image is left out rather than labelled from the rows that remain. Problems are
+  written at the end, when it is known which valid rows of the image were ignored.
+  """
+
+  def __init__(self):
+    self.rows: list[tuple[str, str, str, str]] = []  # (kind, name, where, why)
+    self.names: set[str] = set()
+
+  def add(self, kind: str, name: str, where: str, why: str) -> None:
+    self.rows.append((kind, name, where, why))
+    if name:
+      self.names.add(name)
+
+  def report(self, problems: Problems, valid_rows_of: dict[str, list[str]]) -> None:
+    for kind, name, where, why in self.rows:
+      if not name:
+        problems.add(kind, where, f"{where}: {why}; no image name to exclude")
+        continue
+      ignored = valid_rows_of.get(name, [])
+      tail = f"; valid row(s) {', '.join(ignored)} ignored" if ignored else ""
+      problems.add(kind, name, f"{where}: {why}; image excluded{tail}")
 
 
 def files_on_disk(root: pathlib.Path, suffixes: Sequence[str]) -> dict[str, pathlib.Path]:
@@ -146,12 +214,40 @@ def files_on_disk(root: pathlib.Path, suffixes: Sequence[str]) -> dict[str, path
           if p.suffix.lower() in suffixes and p.is_file()}
 
 
+def index_by_file_name(on_disk: dict[str, pathlib.Path], key: Callable[[str], str],
+                       problems: Problems) -> tuple[dict[str, str], set[str]]:
+  """Image name -> relative path for downloads whose images are found by name at any depth.
+
+  One name in several folders is a duplicate_file problem: identical copies are one image (the
+  first path in sorted order is used, whatever order the file system lists them in); copies
+  that differ are different images under one name, so the name is excluded (second value).
+  """
+  paths_of: dict[str, list[str]] = {}
+  for rel in sorted(on_disk):
+    paths_of.setdefault(key(rel), []).append(rel)
+  chosen, ambiguous = {}, set()
+  for name, rels in paths_of.items():
+    if len(rels) > 1:
+      first = on_disk[rels[0]].read_bytes()
+      if all(on_disk[rel].read_bytes() == first for rel in rels[1:]):
+        problems.add("duplicate_file", name, f"identical copies {rels}: {rels[0]!r} used")
+      else:
+        problems.add("duplicate_file", name, f"different files {rels} share the name; "
+                     "image excluded")
+        ambiguous.add(name)
+        continue
+    chosen[name] = rels[0]
+  return chosen, ambiguous
+
+
 def check_listed_files(src: pathlib.Path, entries: list[Entry], problems: Problems,
-                       present: set[str], scanned_dirs: Sequence[str]) -> list[Entry]:
+                       present: set[str], scanned_dirs: Sequence[str],
+                       excluded_paths: Iterable[str] = ()) -> list[Entry]:
   """Keeps entries whose file is present; reports missing ones and files nobody lists.
 
   `present` holds paths relative to src; only files under `scanned_dirs` count as unlisted
   (a download folder also holds test images and other files that are not this dataset's).
+  `excluded_paths` are files of images already reported as excluded: not unlisted.
   """
   kept = []
   for entry in entries:
@@ -159,7 +255,7 @@ def check_listed_files(src: pathlib.Path, entries: list[Entry], problems: Proble
       kept.append(entry)
     else:
       problems.add("missing_file", entry.name, f"{str(src / entry.path)!r} does not exist")
-  listed = {entry.path for entry in entries}
+  listed = {entry.path for entry in entries} | set(excluded_paths)
   for path in sorted(present - listed):
     if any(path.startswith(d.rstrip("/") + "/") for d in scanned_dirs):
       problems.add("unlisted_file", path, "no metadata row names this file")

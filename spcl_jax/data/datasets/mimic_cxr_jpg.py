@@ -28,6 +28,10 @@ def image_path(subject_id: str, study_id: str, dicom_id: str) -> str:
   return f"{IMAGE_DIR}/p{subject_id[:2]}/p{subject_id}/s{study_id}/{dicom_id}.jpg"
 
 
+def _dicom_id(path: str) -> str:
+  return pathlib.PurePosixPath(path).stem
+
+
 def _row_error(row: dict) -> str:
   if not row["dicom_id"]:
     return "empty dicom_id"
@@ -41,27 +45,35 @@ def read_manifest(src, *, check_files: bool = True) -> mf.Manifest:
   src = pathlib.Path(src)
   metadata = mf.find_first(src, METADATA_PATTERNS, "MIMIC-CXR-JPG metadata")
   problems = mf.Problems()
+  exclusions = mf.Exclusions()  # Keyed by dicom_id: a bad row's path may not be computable.
   entries: dict[str, mf.Entry] = {}
-  for line, row in mf.read_csv_rows(metadata, _COLUMNS):
-    error = _row_error(row)
-    if error:
-      problems.add("bad_row", row["dicom_id"] or f"{metadata.name}:{line}",
-                   f"{metadata.name} line {line}: {error}")
+  valid_rows_of: dict[str, list[str]] = {}
+  for row in mf.read_csv_rows(metadata, _COLUMNS):
+    if row.cells is None:
+      exclusions.add("bad_row", row.cell_at("dicom_id"), row.where, row.error)
       continue
-    path = image_path(row["subject_id"], row["study_id"], row["dicom_id"])
-    entry = mf.Entry(name=path, path=path, patient=row["subject_id"],
-                     view=row["ViewPosition"].upper())
+    error = _row_error(row.cells)
+    if error:
+      exclusions.add("bad_row", row.cells["dicom_id"], row.where, error)
+      continue
+    cells = row.cells
+    path = image_path(cells["subject_id"], cells["study_id"], cells["dicom_id"])
+    entry = mf.Entry(name=path, path=path, patient=cells["subject_id"],
+                     view=cells["ViewPosition"].upper())
+    valid_rows_of.setdefault(cells["dicom_id"], []).append(row.where)
     previous = entries.get(path)
     if previous is None:
       entries[path] = entry
     elif previous == entry:
-      problems.add("duplicate_row", path, f"{metadata.name} line {line}")
+      problems.add("duplicate_row", path, row.where)
     else:
-      problems.add("conflicting_rows", path, f"{metadata.name} line {line}: view "
-                   f"{entry.view!r} differs from {previous.view!r}; first row kept")
-  kept = list(entries.values())
+      problems.add("conflicting_rows", path, f"{row.where}: view {entry.view!r} differs from "
+                   f"{previous.view!r}; first row kept")
+  exclusions.report(problems, valid_rows_of)
+  kept = [entry for path, entry in entries.items() if _dicom_id(path) not in exclusions.names]
   if check_files:
     present = set(mf.files_on_disk(src / IMAGE_DIR, (".jpg",)))
     present = {f"{IMAGE_DIR}/{path}" for path in present}
-    kept = mf.check_listed_files(src, kept, problems, present, [IMAGE_DIR])
+    excluded_paths = {path for path in present if _dicom_id(path) in exclusions.names}
+    kept = mf.check_listed_files(src, kept, problems, present, [IMAGE_DIR], excluded_paths)
   return mf.Manifest(NAME, kept, problems, LABELS)

@@ -6,7 +6,8 @@ Data_Entry_2017_v2020.csv, train_val_list.txt, test_list.txt); the Kaggle mirror
 Layout under --src: Data_Entry_2017*.csv, the PNGs anywhere below (found by file name), and
 optionally train_val_list.txt / test_list.txt, which become splits/official_*.txt.
 Quirks: `Finding Labels` joins findings with "|"; "No Finding" means all 14 are negative and may
-not appear with a finding (such a row is reported and excluded). Image names are unique ids.
+not appear with a finding (such a row is reported and excluded). Image names are unique ids; one
+name in two images_* folders is a duplicate_file (identical copies: the first path in sorted order).
 """
 
 from __future__ import annotations
@@ -60,35 +61,46 @@ def _read_official_lists(src: pathlib.Path, names: set[str], problems: mf.Proble
   return lists
 
 
+def _file_name(rel: str) -> str:
+  return pathlib.PurePosixPath(rel).name
+
+
 def read_manifest(src, *, check_files: bool = True) -> mf.Manifest:
   src = pathlib.Path(src)
   metadata = mf.find_first(src, METADATA_PATTERNS, "ChestX-ray14 Data_Entry_2017 CSV")
   problems = mf.Problems()
+  exclusions = mf.Exclusions()
   on_disk = mf.files_on_disk(src, (".png",)) if check_files else {}
-  path_of_name = {pathlib.PurePosixPath(rel).name: rel for rel in on_disk}
+  path_of_name, ambiguous = mf.index_by_file_name(on_disk, _file_name, problems)
   entries: dict[str, mf.Entry] = {}
-  for line, row in mf.read_csv_rows(metadata, _COLUMNS):
-    name, where = row["Image Index"], f"{metadata.name} line {line}"
-    patient = _patient(row["Patient ID"])
-    labels, kind, why = parse_findings(row["Finding Labels"])
-    if not name or patient is None:
-      problems.add("bad_row", name or where, f"{where}: bad Image Index or Patient ID "
-                   f"{row['Patient ID']!r}")
+  valid_rows_of: dict[str, list[str]] = {}
+  for row in mf.read_csv_rows(metadata, _COLUMNS):
+    if row.cells is None:  # E.g. an unquoted comma in Finding Labels.
+      exclusions.add("bad_row", row.cell_at("Image Index"), row.where, row.error)
       continue
+    name, patient = row.cells["Image Index"], _patient(row.cells["Patient ID"])
+    if not name or patient is None:
+      exclusions.add("bad_row", name, row.where, f"bad Image Index or Patient ID "
+                     f"{row.cells['Patient ID']!r}")
+      continue
+    labels, kind, why = parse_findings(row.cells["Finding Labels"])
     if labels is None:
-      problems.add(kind, name, f"{where}: {why}; image excluded")
+      exclusions.add(kind, name, row.where, why)
       continue
     entry = mf.Entry(name=name, path=path_of_name.get(name, f"images/{name}"), patient=patient,
-                     view=row["View Position"].upper(), labels=labels)
-    mf.keep_first_entry(entries, entry, problems, where)
-  kept = list(entries.values())
+                     view=row.cells["View Position"].upper(), labels=labels)
+    valid_rows_of.setdefault(name, []).append(row.where)
+    mf.keep_first_entry(entries, entry, problems, row.where)
+  exclusions.report(problems, valid_rows_of)
+  named = set(entries) | exclusions.names  # Files of excluded images are reported, not unlisted.
+  kept = [entry for name, entry in entries.items()
+          if name not in exclusions.names and name not in ambiguous]
   if check_files:
-    listed = {entry.path for entry in kept}
-    for rel in sorted(set(on_disk) - listed):
-      if pathlib.PurePosixPath(rel).name not in entries:
+    for rel in sorted(on_disk):
+      if _file_name(rel) not in named:
         problems.add("unlisted_file", rel, "no metadata row names this file")
     kept = mf.check_listed_files(src, kept, problems, set(on_disk), scanned_dirs=[])
-  official = _read_official_lists(src, set(entries), problems)
+  official = _read_official_lists(src, named, problems)
   return mf.Manifest(NAME, kept, problems, LABELS, official)
 
 

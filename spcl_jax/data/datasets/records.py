@@ -35,12 +35,15 @@ class EncodeSettings:
   encoding: str = "jpeg"
   jpeg_quality: int = 95
   resize_filter: str = "bilinear"
+  min_side: int = decode.MIN_IMAGE_SIDE  # Images with a smaller side are skipped (too_small).
 
   def __post_init__(self):
     if self.encoding not in ENCODINGS:
       raise ValueError(f"--encoding {self.encoding!r} is not one of {', '.join(ENCODINGS)}")
     if not 16 <= self.image_size <= 4096:
       raise ValueError(f"--image-size {self.image_size} is outside 16..4096")
+    if self.min_side < 1:
+      raise ValueError(f"--min-side {self.min_side} must be at least 1")
     if self.resize_filter not in decode.resize_filter_names():
       raise ValueError(f"--resize-filter {self.resize_filter!r} is not one of "
                        f"{', '.join(decode.resize_filter_names())}")
@@ -84,6 +87,13 @@ def decode_file(data: bytes, path: str, settings: EncodeSettings) -> np.ndarray:
                              settings.resize_filter)
 
 
+def _too_small_detail(width: int, height: int, full_path: pathlib.Path,
+                      settings: EncodeSettings) -> str:
+  if min(width, height) >= settings.min_side:
+    return ""
+  return f"{str(full_path)!r} is {width}x{height} px, a side below --min-side {settings.min_side}"
+
+
 # Per-worker-process state, set once by the pool initializer (not shipped with every task).
 _WORKER: dict = {}
 
@@ -108,8 +118,14 @@ def process_entry(task: tuple[int, str, str, tuple[str, ...]]
     if _WORKER["image_format"] == "dicom":
       unit = dicom.decode_dicom(data, path)
       shape = unit.shape
+      too_small = _too_small_detail(shape[1], shape[0], full_path, settings)
+      if too_small:
+        return key, None, "too_small", too_small
       image = decode.resize_to_uint8(unit, settings.image_size, settings.resize_filter)
     else:
+      too_small = _too_small_detail(*decode.encoded_size(data, path), full_path, settings)
+      if too_small:
+        return key, None, "too_small", too_small
       image = decode_file(data, path, settings)
       shape = None
   except Exception as e:  # pylint: disable=broad-except  (decoders raise many types)

@@ -49,26 +49,31 @@ def read_manifest(src, *, check_files: bool = True) -> mf.Manifest:
   problems = mf.Problems()
   targets_of: dict[str, list[int]] = {}
   boxes_of: dict[str, list[tuple]] = {}
-  excluded: set[str] = set()  # One bad row may have been the positive one: drop the image.
-  for line, row in mf.read_csv_rows(labels_csv, _COLUMNS):
-    name, where = row["patientId"], f"{labels_csv.name} line {line}"
+  valid_rows_of: dict[str, list[str]] = {}
+  exclusions = mf.Exclusions()  # One bad row may have been the positive one: drop the image.
+  for row in mf.read_csv_rows(labels_csv, _COLUMNS):
+    if row.cells is None:
+      exclusions.add("bad_row", row.cell_at("patientId"), row.where, row.error)
+      continue
+    name = row.cells["patientId"]
     if not name:
-      problems.add("bad_row", where, f"{where}: empty patientId")
+      exclusions.add("bad_row", "", row.where, "empty patientId")
       continue
-    target, box, kind, why = _parse_row(row)
+    target, box, kind, why = _parse_row(row.cells)
     if target is None:
-      problems.add(kind, name, f"{where}: {why}; image excluded")
-      excluded.add(name)
+      exclusions.add(kind, name, row.where, why)
       continue
+    valid_rows_of.setdefault(name, []).append(row.where)
     if box is not None and box in boxes_of.get(name, ()):
-      problems.add("duplicate_row", name, f"{where}: repeats box {box}")
+      problems.add("duplicate_row", name, f"{row.where}: repeats box {box}")
       continue
     targets_of.setdefault(name, []).append(target)
     if box is not None:
       boxes_of.setdefault(name, []).append(box)
+  exclusions.report(problems, valid_rows_of)
   entries = []
   for name, targets_seen in targets_of.items():
-    if name in excluded:
+    if name in exclusions.names:
       continue
     if len(set(targets_seen)) > 1:
       problems.add("conflicting_rows", name, f"Targets {targets_seen}: label = max = 1")
@@ -79,7 +84,8 @@ def read_manifest(src, *, check_files: bool = True) -> mf.Manifest:
                             boxes=tuple(boxes_of.get(name, ()))))
   if check_files:
     present = {f"{IMAGE_DIR}/{rel}" for rel in mf.files_on_disk(src / IMAGE_DIR, (".dcm",))}
-    entries = mf.check_listed_files(src, entries, problems, present, [IMAGE_DIR])
+    entries = mf.check_listed_files(src, entries, problems, present, [IMAGE_DIR],
+                                    {f"{IMAGE_DIR}/{name}.dcm" for name in exclusions.names})
   return mf.Manifest(NAME, entries, problems, LABELS)
 
 

@@ -48,32 +48,43 @@ def read_manifest(src, *, check_files: bool = True) -> mf.Manifest:
   rle_csv = mf.find_first(src, (RLE_CSV, f"*/{RLE_CSV}"), "SIIM train-rle.csv")
   problems = mf.Problems()
   rows_of: dict[str, list[str]] = {}
-  excluded: set[str] = set()  # A bad row may have been a region: the mask is unknowable.
-  for line, row in mf.read_csv_rows(rle_csv, _COLUMNS):
-    name, where = row["ImageId"], f"{rle_csv.name} line {line}"
+  valid_rows_of: dict[str, list[str]] = {}
+  exclusions = mf.Exclusions()  # A bad row may have been a region: the mask is unknowable.
+  for row in mf.read_csv_rows(rle_csv, _COLUMNS):
+    if row.cells is None:  # E.g. an ImageId without its EncodedPixels cell.
+      exclusions.add("bad_row", row.cell_at("ImageId"), row.where, row.error)
+      continue
+    name, text = row.cells["ImageId"], row.cells["EncodedPixels"]
     if not name:
-      problems.add("bad_row", where, f"{where}: empty ImageId")
+      exclusions.add("bad_row", "", row.where, "empty ImageId")
+      continue
+    if not text:  # Not an empty mask: that is written "-1".
+      exclusions.add("bad_row", name, row.where, "blank EncodedPixels (an empty mask is '-1')")
       continue
     try:
-      rle.parse_runs(row["EncodedPixels"])
+      rle.parse_runs(text)
     except ValueError as e:
-      problems.add("bad_mask", name, f"{where}: {e}; image excluded")
-      excluded.add(name)
+      exclusions.add("bad_mask", name, row.where, str(e))
       continue
-    rows_of.setdefault(name, []).append(row["EncodedPixels"].strip() or rle.EMPTY_MASK)
+    valid_rows_of.setdefault(name, []).append(row.where)
+    rows_of.setdefault(name, []).append(text)
+  exclusions.report(problems, valid_rows_of)
   on_disk = mf.files_on_disk(src / IMAGE_DIR, (".dcm",)) if check_files else {}
-  path_of_name = {pathlib.PurePosixPath(rel).stem: f"{IMAGE_DIR}/{rel}" for rel in on_disk}
+  rel_of_name, ambiguous = mf.index_by_file_name(
+      on_disk, lambda rel: pathlib.PurePosixPath(rel).stem, problems)
+  path_of_name = {name: f"{IMAGE_DIR}/{rel}" for name, rel in rel_of_name.items()}
   entries = []
   for name, texts in rows_of.items():
-    if name in excluded:
+    if name in exclusions.names or name in ambiguous:
       continue
     mask_rles = _merge_rows(name, texts, problems)
     label = mf.POSITIVE if mask_rles != (rle.EMPTY_MASK,) else mf.NEGATIVE
     entries.append(mf.Entry(name=name, path=path_of_name.get(name, f"{IMAGE_DIR}/{name}.dcm"),
                             patient=name, view="FRONTAL", labels=(label,), mask_rles=mask_rles))
   if check_files:
+    excluded_paths = {path_of_name[name] for name in exclusions.names if name in path_of_name}
     entries = mf.check_listed_files(src, entries, problems, set(path_of_name.values()),
-                                    [IMAGE_DIR])
+                                    [IMAGE_DIR], excluded_paths)
   return mf.Manifest(NAME, entries, problems, LABELS)
 
 
