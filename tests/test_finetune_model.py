@@ -166,3 +166,32 @@ def test_classifier_with_drop_path_equals_without_at_eval_and_differs_in_trainin
   np.testing.assert_allclose(apply({"params": params}, x), plain, atol=1e-6)
   trained = apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(0)})
   assert max_abs_diff(trained, plain) > 1e-3
+
+
+def test_init_from_a_timm_export_round_trips_into_the_classifier(tmp_path):
+  from export_fixtures import make_workdir
+  from spcl_jax.finetune.initialization import encoder_for_classifier, load_init
+  workdir, params = make_workdir(tmp_path / "pretrain", "mu/16", 64)
+  export_checkpoint(workdir, "timm", tmp_path / "vit.safetensors")
+  init = load_init(str(tmp_path / "vit.safetensors"), image_size=32)
+  assert (init.kind, init.step) == ("timm", None)
+  from_workdir = load_init(str(workdir))
+  assert (from_workdir.kind, from_workdir.step) == ("spcl", 7)
+  config = small_config("avg", 32)
+  model = build_classifier(config, len(CLASSES))
+  expected = jax.eval_shape(
+      lambda k: flax.linen.unbox(model.init(k, jnp.zeros((1, 32, 32, 1))))["params"],
+      jax.random.key(0))["encoder"]
+  for loaded in (init, from_workdir):
+    encoder = _flat(encoder_for_classifier(loaded.encoder_params, expected, "test"))
+    reference = {k: v for k, v in _flat(params).items() if "encoder_norm" not in k}
+    assert sorted(encoder) == sorted(reference)  # avg pool: the final norm is left out
+    for name, value in reference.items():
+      np.testing.assert_allclose(encoder[name], value, atol=1e-6, err_msg=name)
+  config.model.variant = "Ti/16"
+  with pytest.raises(ValueError, match="config.model"):
+    other = build_classifier(config, len(CLASSES))
+    shapes = jax.eval_shape(
+        lambda k: flax.linen.unbox(other.init(k, jnp.zeros((1, 32, 32, 1))))["params"],
+        jax.random.key(0))["encoder"]
+    encoder_for_classifier(init.encoder_params, shapes, "config.init")

@@ -36,7 +36,7 @@ class Init:
     return {"kind": self.kind, "path": self.path, "step": self.step}
 
 
-def load_init(init: str, init_step: int = -1) -> Init:
+def load_init(init: str, init_step: int = -1, image_size: int | None = None) -> Init:
   """Reads `config.init`; errors name the field and the path."""
   if init == "random":
     return Init("random", None, None, None, None)
@@ -48,9 +48,13 @@ def load_init(init: str, init_step: int = -1) -> Init:
                 (pretrained.mean, pretrained.std))
   if path.suffix in FILE_KINDS and path.is_file():
     from spcl_jax.export import importing  # pylint: disable=g-import-not-at-top
-    params, info = importing.import_encoder(path)
-    kind = info.get("kind", FILE_KINDS[path.suffix])
-    return Init(kind, str(path.resolve()), info.get("step"), params, None)
+    params, info = importing.import_encoder(path, in_chans=1, image_size=image_size)
+    if not info["pos_embedding_is_sincos"]:
+      # Our encoder adds the fixed 2-D sin-cos table; a learnt table has nowhere to go, and
+      # dropping it would silently fine-tune a different model.
+      raise ValueError(f"config.init={init!r}: the checkpoint has learnt position embeddings, "
+                       "not the fixed sin-cos table this ViT uses; it cannot be loaded exactly")
+    return Init(info["format"], str(path.resolve()), None, params, None)
   raise FileNotFoundError(
       f"config.init={init!r}: not 'random', a pre-training workdir, nor an existing "
       f"{'/'.join(sorted(FILE_KINDS))} checkpoint file")

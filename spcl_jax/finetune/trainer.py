@@ -111,7 +111,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = sharding.make_mesh(config)
   validate_finetune_config(config, num_batch_shards=sharding.num_batch_shards(config, mesh),
                            process_count=jax.process_count())
-  init = load_init(config.init, config.init_step)
+  init = load_init(config.init, config.init_step, config.model.image_size)
   if init.normalization is not None and init.normalization != (config.data.mean,
                                                                config.data.std):
     config.data.mean, config.data.std = init.normalization
