@@ -33,7 +33,7 @@ def _labels_by_patient(patients: list[str], num_classes: int) -> dict[str, list[
 
 
 def _image(seed: int, first_label: int) -> np.ndarray:
-  image = fx.gradient(40, 40, seed).astype(np.float64)
+  image = fx.gradient(64, 64, seed).astype(np.float64)  # prepare refuses sides < 64
   image = 0.5 * image + (6.0 if first_label else 0.0)  # weaker than the images' own spread
   return np.clip(image, 0, 255).astype(np.uint8)
 

@@ -187,3 +187,25 @@ def test_bootstrap_interval_matches_a_numpy_reference():
       continue
     values.append(np.mean([mw_auc(y[:, k], s[:, k]) for k in range(2)]))
   assert (lo, hi) == pytest.approx(tuple(np.percentile(values, [2.5, 97.5])), abs=1e-12)
+
+
+def test_user_split_files_are_read_and_a_single_valued_val_class_is_an_error(prepared,
+                                                                             tmp_path):
+  from spcl_jax.auc import SingleClassError
+  from spcl_jax.data import splits
+  from spcl_jax.data.prepared import LabelledSource
+  out = prepared["nih14"]
+  val = LabelledSource(out, "val")
+  same = [i for i in range(len(val)) if (val.targets[i] == val.targets[0]).all()]
+  assert len(same) >= 2
+  lists = {"train": splits.read_split_file(out / "splits/train.txt"),
+           "val": [val[i]["name"] for i in same],
+           "test": splits.read_split_file(out / "splits/test.txt")}
+  for name, names in lists.items():
+    (tmp_path / f"{name}.txt").write_text("\n".join(names) + "\n")
+  config = ff.finetune_config("nih14", out, split_scheme="files", epochs=1,
+                              **{"optim.warmup_epochs": 0})
+  for name in lists:
+    config.split_files[name] = str(tmp_path / f"{name}.txt")
+  with pytest.raises(SingleClassError, match="class 'Atelectasis' has only .* val split"):
+    run(config, tmp_path / "run")

@@ -1,13 +1,15 @@
 """python -m spcl_jax.bench WHAT [flags]
 
   train   jitted S-PCL train steps on synthetic uint8 images: images/s, TFLOP/s, MFU
+  finetune  jitted fine-tuning steps (classifier, BCE, LLRD AdamW) on synthetic images: images/s
   input   the input pipeline alone on prepared data: decoded images/s (datasets wing)
 """
 
 import importlib
 import sys
 
-BENCHMARKS = {"train": "spcl_jax.bench.train", "input": "spcl_jax.bench.input"}
+BENCHMARKS = {"train": "spcl_jax.bench.train", "input": "spcl_jax.bench.input",
+              "finetune": "spcl_jax.bench.finetune"}
 
 
 def main() -> int:
