@@ -66,7 +66,7 @@ def get_config(task: str, prepared: str, image_size_preset: str | None = None
   config.data.hflip = True
   config.data.randaugment_magnitude = 6  # rand-m6-mstd0.5-inc1
   config.data.randaugment_magnitude_std = 0.5
-  config.data.eval_resize = 256          # resize, then centre crop image_size (scaled at 512)
+  config.data.eval_crop_fraction = 224 / 256  # eval: resize to S / this (256 at 224), crop S
   config.data.num_workers = 8
   config.data.read_threads = 4
   config.data.prefetch_buffer_size = 4
@@ -83,9 +83,8 @@ def get_config(task: str, prepared: str, image_size_preset: str | None = None
 
 
 def apply_preset(config: ml_collections.ConfigDict, preset: str) -> None:
-  """'512': input 512 with eval resize 585 (the 256/224 ratio kept). Given as FILE.py:512."""
+  """'512': input 512 (eval resize 585, the same 224/256 crop). Given as FILE.py:512."""
   if preset != "512":
     raise ValueError(f"config preset {preset!r}: the only preset is '512' (e.g. "
                      "--config=configs/finetune/nih14.py:512)")
   config.model.image_size = 512
-  config.data.eval_resize = 585

@@ -106,8 +106,9 @@ def describe_classifier(finetuned: FineTuned, in_chans: int) -> dict[str, Any]:
       "mean": [mean] * in_chans,
       "std": [std] * in_chans,
       "preprocessing": {
-          "eval": f"grayscale, short side resized to {config.get('data', {}).get('eval_resize')}"
-                  f" (bicubic), centre crop {image_size}; x = (u8 / 255 - mean) / std",
+          "eval": f"grayscale, short side resized to {image_size} / "
+                  f"{config.get('data', {}).get('eval_crop_fraction')} (bicubic, rounded down), "
+                  f"centre crop {image_size}; x = (u8 / 255 - mean) / std",
       },
       "source": {"workdir": str(finetuned.workdir.resolve()), "step": finetuned.step,
                  "selected": finetuned.selected, "task": info["classifier"]["task"],

@@ -14,8 +14,6 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from spcl_jax.main import parse_flags
-
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "configs/finetune/{nih14,chexpert,rsna}.py",
                                 lock_config=True)
@@ -23,6 +21,25 @@ flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results.jso
 flags.DEFINE_integer("seeds", 1, "Seeds to run (config.seed, config.seed + 1, ...).")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-process).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, with one-line errors for a bad --config override (as spcl_jax.main)."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e))
+  except (AttributeError, KeyError) as e:  # ml_collections: a --config.x path that is not there
+    overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
+    _fail(f"unknown config field {str(e).strip(chr(34))} in: {overrides}")
+  except (TypeError, ValueError) as e:
+    _fail(f"bad command line: {e}")
+  return []
 
 
 def run_seeds(config, workdir: str, num_seeds: int) -> dict:
@@ -65,20 +82,17 @@ def main(argv):
   from spcl_jax.auc import SingleClassError  # pylint: disable=g-import-not-at-top
   from spcl_jax.train import NonFiniteLossError  # pylint: disable=g-import-not-at-top
   if FLAGS.seeds < 1:
-    print(f"error: --seeds={FLAGS.seeds} must be >= 1", file=sys.stderr)
-    sys.exit(2)
+    _fail(f"--seeds={FLAGS.seeds} must be >= 1")
   try:
     config = FLAGS.config
-    config.get("model")
+    config.get("model")  # the config file loads lazily: surface a missing/broken file here
   except (OSError, SyntaxError, ImportError, ValueError) as e:
-    print(f"error: --config: {' '.join(str(e).split())}", file=sys.stderr)
-    sys.exit(2)
+    _fail(f"--config: {' '.join(str(e).split())}")
   try:
     run_seeds(config, FLAGS.workdir, FLAGS.seeds)
   except (ConfigError, NonFiniteLossError, SingleClassError, FileNotFoundError,
           ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _fail(str(e))
 
 
 if __name__ == "__main__":

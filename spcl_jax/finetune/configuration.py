@@ -68,6 +68,8 @@ def validate_finetune_config(config: ml_collections.ConfigDict, *, num_batch_sha
   _require(config.data.resize_filter in resize_filter_names(),
            f"config.data.resize_filter={config.data.resize_filter!r} must be one of "
            f"{resize_filter_names()}")
+  _require(0 < config.data.eval_crop_fraction <= 1,
+           f"config.data.eval_crop_fraction={config.data.eval_crop_fraction!r} must be in (0, 1]")
   _require(config.data.std > 0, f"config.data.std={config.data.std!r} must be > 0")
   _require(config.batch_size % num_batch_shards == 0,
            f"config.batch_size={config.batch_size} is not divisible by the {num_batch_shards} "

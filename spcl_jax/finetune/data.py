@@ -97,7 +97,7 @@ class EvalTransform(grain.transforms.Map):
     self.stored_size = stored_size
     self.resize_filter = config.data.resize_filter
     self.transform = EvalAugment(config.model.image_size,
-                                 crop_fraction=config.model.image_size / config.data.eval_resize)
+                                 crop_fraction=config.data.eval_crop_fraction)
 
   def map(self, record: dict[str, Any]) -> dict[str, Any]:
     image = decode_image(record, self.stored_size, self.resize_filter)
