@@ -39,15 +39,19 @@ def encoder_forward_flops(seq_len: int, width: int, depth: int, mlp_dim: int) ->
   return float(depth * per_layer)
 
 
-def train_flops_per_image(config: ml_collections.ConfigDict) -> float:
-  """Forward + backward (3x forward) of both views of one image, patch embedding included."""
+def view_forward_flops(config: ml_collections.ConfigDict) -> float:
+  """Forward of one view (its h visible patches + CLS) through the encoder, embedding included."""
   dims = variant_dims(config.model.variant)
   p, width = dims["patch_size"], dims["width"]
   num_patches = (config.model.image_size // p) ** 2
   h = view_size(num_patches, config.spcl.mask_ratio)
   embed = 2 * h * p * p * config.model.channels * width
-  per_view = embed + encoder_forward_flops(h + 1, width, dims["depth"], dims["mlp_dim"])
-  return 3.0 * 2 * per_view
+  return embed + encoder_forward_flops(h + 1, width, dims["depth"], dims["mlp_dim"])
+
+
+def train_flops_per_image(config: ml_collections.ConfigDict) -> float:
+  """Forward + backward (3x forward) of both views of one image, patch embedding included."""
+  return 3.0 * 2 * view_forward_flops(config)
 
 
 def peak_flops_per_device(config: ml_collections.ConfigDict, device: jax.Device) -> float | None:

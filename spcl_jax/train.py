@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from clu import metrics as clu_metrics
 
-from spcl_jax import checkpoint, metrics, run_info, sharding, steps
+from spcl_jax import accelerator_time, checkpoint, metrics, run_info, sharding, steps
 from spcl_jax.preemption import StopRequest
 from spcl_jax.configuration import validate_config
 from spcl_jax.data import pipeline
@@ -109,6 +109,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} in "
           f"{jax.process_count()} process(es), mesh {dict(mesh.shape)}; workdir {workdir}",
           flush=True)
+  clock = accelerator_time.AcceleratorClock.for_this_job(workdir)  # accelerator_time.json
 
   training = steps.build_training(config, mesh)
   abstract_state, shardings = training.abstract_state, training.shardings
@@ -160,6 +161,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       last_train = {**values, **throughput.measure(step)}
       writer.write(step, last_train)
       writer.progress(step, last_train)
+      clock.update()
 
   def save(step: int) -> None:
     nonlocal last_checkpoint
@@ -198,6 +200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # Also on errors: finish a checkpoint already being written, stop grain's workers.
     manager.wait_until_finished()
     manager.close()
+    clock.update()
     writer.close()
     if hasattr(train_iter, "close"):
       train_iter.close()

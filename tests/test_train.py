@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from spcl_jax import checkpoint, optimizer, run_info, steps, train
+from spcl_jax import accelerator_time, checkpoint, optimizer, run_info, steps, train
 from spcl_jax.configuration import ConfigError
 
 
@@ -74,18 +74,29 @@ def test_logged_lr_is_the_one_each_step_used(finished_run):
     assert lr == pytest.approx(float(schedule(step - 1)), abs=1e-9), step  # float32 vs float64
 
 
-def test_restart_after_a_checkpoint_logs_identical_losses(finished_run, tmp_path):
+def test_restart_after_a_checkpoint_logs_identical_losses(finished_run, tmp_path, monkeypatch):
   workdir, _ = finished_run
   resumed = tmp_path / "resumed"
   shutil.copytree(workdir, resumed)
   for step in (20, 30):  # as if the run had died right after step 10's checkpoint
     shutil.rmtree(checkpoint.checkpoint_dir(resumed) / str(step))
   (resumed / "metrics.jsonl").unlink()
+  clock_updates = []
+  update = accelerator_time.AcceleratorClock.update
+  monkeypatch.setattr(accelerator_time.AcceleratorClock, "update",
+                      lambda self: clock_updates.append(1) or update(self))
   train.train_and_evaluate(quick_config(), str(resumed))
   original, again = train_losses(read_metrics(workdir)), train_losses(read_metrics(resumed))
   assert sorted(again) == list(range(11, 31))
   for step in range(11, 31):
     assert again[step] == pytest.approx(original[step], abs=1e-6), step
+  # accelerator_time.json is rewritten at each of the 20 log lines and at the end, and the
+  # copied file gains this session: hours add up over restarts.
+  assert len(clock_updates) == 21
+  first, both = (accelerator_time.read_accelerator_time(w) for w in (workdir, resumed))
+  assert len(both["sessions"]) == 2 and both["sessions"][0] == first["sessions"][0]
+  assert both["accelerator_seconds"] == pytest.approx(
+      first["accelerator_seconds"] + 8 * both["sessions"][1]["wall_seconds"])
 
 
 def test_params_restore_alone_for_export(finished_run):

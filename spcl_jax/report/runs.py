@@ -1,0 +1,205 @@
+"""Fine-tuning results files, and the pre-training run (the table's method row) each came from.
+
+A results.json (format `spcl_jax.finetune.results/1`, written by `python -m spcl_jax.finetune`)
+names its pre-training run in `init.path`. The row it lands in is that run's label: the
+pre-training workdir's folder name by default, or LABEL from `--name PATH=LABEL`. Results of
+one pre-training run at different checkpoint steps get separate rows ("LABEL @ step S").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import ml_collections
+
+from spcl_jax import accelerator_time, metrics, run_info
+
+FORMAT = "spcl_jax.finetune.results/1"
+RESULTS_FILE = "results.json"
+TASKS = ("nih14", "chexpert", "rsna", "siim")
+PROTOCOLS = ("classification", "mgca", "upernet512")
+FRACTIONS = (1, 10, 100)
+SELECTIONS = {"best_val": "test_at_best_val", "last_epoch": "test_at_last_epoch"}
+
+
+def find_results(run_dirs: Sequence[str]) -> list[pathlib.Path]:
+  """results.json files: each argument is one, or a folder holding one, or a folder of runs.
+
+  Folders are searched recursively, but not below a folder that has its own results.json: a
+  multi-seed run's seed_*/results.json are already averaged into the run's own file.
+  """
+  found: list[pathlib.Path] = []
+  for argument in run_dirs:
+    path = pathlib.Path(argument).expanduser()
+    if path.is_file():
+      found.append(path)
+    elif path.is_dir():
+      runs = list(_runs_below(path))
+      if not runs:
+        print(f"report: no {RESULTS_FILE} in or below {argument}: its cells stay empty",
+              file=sys.stderr)
+      found.extend(runs)
+    else:
+      raise FileNotFoundError(f"{argument!r} does not exist")
+  unique = list(dict.fromkeys(p.resolve() for p in found))
+  return unique
+
+
+def _runs_below(folder: pathlib.Path) -> Iterable[pathlib.Path]:
+  if (folder / RESULTS_FILE).is_file():
+    yield folder / RESULTS_FILE
+    return
+  for child in sorted(p for p in folder.iterdir() if p.is_dir()):
+    yield from _runs_below(child)
+
+
+def _require(condition: bool, path: pathlib.Path, message: str) -> None:
+  if not condition:
+    raise ValueError(f"{path}: {message}")
+
+
+def load_result(path: pathlib.Path, selection: str = "best_val") -> dict[str, Any]:
+  """The parsed file, after checking the fields the tables read (errors name file and field)."""
+  try:
+    result = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not JSON ({e})") from e
+  _require(isinstance(result, dict) and result.get("format") == FORMAT, path,
+           f"'format' is {result.get('format') if isinstance(result, dict) else None!r}, "
+           f"not {FORMAT!r}")
+  _require(result.get("task") in TASKS, path, f"'task' {result.get('task')!r} is not one of {TASKS}")
+  _require(result.get("protocol") in PROTOCOLS, path,
+           f"'protocol' {result.get('protocol')!r} is not one of {PROTOCOLS}")
+  _require(result.get("label_fraction") in FRACTIONS, path,
+           f"'label_fraction' {result.get('label_fraction')!r} is not one of {FRACTIONS}")
+  init = result.get("init")
+  _require(isinstance(init, dict) and "kind" in init and "path" in init, path,
+           "'init' needs 'kind' and 'path'")
+  key = SELECTIONS[selection]
+  _require(isinstance(result.get(key), dict), path, f"no {key!r}")
+  return result
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One row: a pre-trained encoder (or another initialisation) and what its run recorded."""
+
+  label: str
+  backbone: str = ""                       # e.g. ViT-B/16, from the pre-training config.json
+  train_gflops_per_image: float | None = None
+  view_forward_gflops: float | None = None
+  accelerator_hours: float | None = None
+  accelerators: str = ""                   # e.g. "8 x NVIDIA H200"
+
+
+def pretraining_workdir(path: str | None) -> pathlib.Path | None:
+  """The workdir (the folder with config.json) that `init.path` is or lies inside, if any."""
+  if not path:
+    return None
+  path = pathlib.Path(path).expanduser()
+  for folder in (path, *path.parents):
+    if (folder / run_info.FILENAME).is_file():
+      return folder.resolve()
+  return None
+
+
+def backbone_name(variant: str) -> str:
+  return f"ViT-{variant}" if variant else ""
+
+
+def describe_pretraining(workdir: pathlib.Path, label: str) -> Method:
+  """GFLOPs from the run's config (spcl_jax.metrics), hours from accelerator_time.json."""
+  path = workdir / run_info.FILENAME
+  try:  # not read_run_info: its checkpoint-layout check does not matter to a table
+    info = json.loads(path.read_text())
+    config = ml_collections.ConfigDict(info["config"])
+    variant = info["model"]["variant"]
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"{path}: not a pre-training config.json ({e!r})") from e
+  timing = accelerator_time.read_accelerator_time(workdir)
+  hours = accelerators = None
+  if timing is not None:
+    hours = timing["accelerator_seconds"] / 3600
+    accelerators = " + ".join(dict.fromkeys(
+        f"{s['num_devices']} x {s['device_kind']}" for s in timing["sessions"]))
+  return Method(label=label, backbone=backbone_name(variant),
+                train_gflops_per_image=metrics.train_flops_per_image(config) / 1e9,
+                view_forward_gflops=metrics.view_forward_flops(config) / 1e9,
+                accelerator_hours=hours, accelerators=accelerators or "")
+
+
+def parse_names(pairs: Sequence[str]) -> dict[pathlib.Path, str]:
+  """--name PATH=LABEL (PATH: a pre-training workdir or init checkpoint) -> {resolved: label}."""
+  names = {}
+  for pair in pairs:
+    path, sep, label = pair.rpartition("=")
+    if not sep or not path or not label.strip():
+      raise ValueError(f"--name {pair!r}: expected PATH=LABEL")
+    names[pathlib.Path(path).expanduser().resolve()] = label.strip()
+  return names
+
+
+class MethodNamer:
+  """Gives each result its row key, reading each pre-training workdir once.
+
+  The key is the row's label, plus the pre-training step when the result names one (see
+  `final_labels`); `methods` maps each key to what its pre-training run recorded.
+  """
+
+  def __init__(self, names: dict[pathlib.Path, str]):
+    self.names = names
+    self.methods: dict[str, Method] = {}
+    self._sources: dict[str, pathlib.Path | None] = {}  # label -> the run it names
+
+  def row_of(self, result: dict[str, Any]) -> str:
+    init = result["init"]
+    workdir = pretraining_workdir(init["path"])
+    candidates = [workdir] if workdir is not None else []
+    if init["path"]:
+      candidates.append(pathlib.Path(init["path"]).expanduser().resolve())
+    label = next((self.names[c] for c in candidates if c in self.names), None)
+    if label is None:
+      label = self._default_label(init, workdir)
+    source = candidates[0] if candidates else None
+    if self._sources.setdefault(label, source) != source:
+      raise ValueError(f"two initialisations are both named {label!r}: "
+                       f"{self._sources[label]} and {source}; tell them apart with "
+                       "--name PATH=LABEL")
+    key = label
+    if init.get("step") is not None and workdir is not None:
+      key = f"{label}\0{init['step']}"
+    if key not in self.methods:
+      self.methods[key] = (describe_pretraining(workdir, label) if workdir is not None
+                           else Method(label=label, backbone=self._backbone(result)))
+    return key
+
+  @staticmethod
+  def _default_label(init: dict[str, Any], workdir: pathlib.Path | None) -> str:
+    if workdir is not None:
+      return workdir.name
+    if init["path"]:
+      return f"{init['kind']}: {pathlib.Path(init['path']).name}"
+    return f"{init['kind']} init"
+
+  @staticmethod
+  def _backbone(result: dict[str, Any]) -> str:
+    model = result.get("config", {}).get("model", {})
+    return backbone_name(model.get("variant", "")) if isinstance(model, dict) else ""
+
+
+def final_labels(methods: dict[str, Method]) -> dict[str, str]:
+  """Internal key -> the row label; '@ step S' only where one label has several steps."""
+  by_label: dict[str, list[str]] = {}
+  for key in methods:
+    by_label.setdefault(key.split("\0")[0], []).append(key)
+  shown = {}
+  for label, keys in by_label.items():
+    for key in keys:
+      step = key.split("\0")[1] if "\0" in key else None
+      shown[key] = f"{label} @ step {step}" if len(keys) > 1 and step is not None else label
+  return shown
