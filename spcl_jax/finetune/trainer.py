@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from spcl_jax import checkpoint, metrics, run_info, sharding, steps
+from spcl_jax import accelerator_time, checkpoint, metrics, run_info, sharding, steps
 from spcl_jax.finetune import data, results
 from spcl_jax.finetune.configuration import TASK_DATASETS, validate_finetune_config
 from spcl_jax.finetune.initialization import encoder_for_classifier, load_init
@@ -83,11 +83,9 @@ class Selection:
   def __init__(self, path: pathlib.Path):
     self.path = path
     self.history: dict[int, dict[str, Any]] = {}
-    self.seconds = 0.0
     if path.is_file():
       saved = json.loads(path.read_text())
       self.history = {int(k): v for k, v in saved["history"].items()}
-      self.seconds = float(saved["seconds"])
 
   def keep_until(self, epoch: int) -> None:
     self.history = {e: v for e, v in self.history.items() if e <= epoch}
@@ -98,14 +96,12 @@ class Selection:
       return None
     return max(sorted(self.history), key=lambda e: self.history[e]["macro_auc"])
 
-  def save(self, seconds: float) -> None:
-    results.write_json(self.path, {"history": {str(k): v for k, v in self.history.items()},
-                                   "seconds": seconds})
+  def save(self) -> None:
+    results.write_json(self.path, {"history": {str(k): v for k, v in self.history.items()}})
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Fine-tunes (or resumes) in `workdir`; returns the results.json content."""
-  started = time.perf_counter()
   workdir = pathlib.Path(workdir).expanduser().resolve()
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(config)
@@ -139,6 +135,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           f"init {init.kind} {init.path or ''}; {jax.device_count()} x "
           f"{jax.devices()[0].device_kind}, mesh {dict(mesh.shape)}; workdir {workdir}",
           flush=True)
+  # devices x wall time over every session of this workdir (WORKDIR/accelerator_time.json)
+  clock = accelerator_time.AcceleratorClock.for_this_job(workdir)
 
   ft = build_finetuning(config, mesh, len(classes), steps_per_epoch)
   keys = _keys(config.seed)
@@ -177,7 +175,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   selection.keep_until(start_step // steps_per_epoch)
   for stale in [s for s in best_manager.all_steps() if s > start_step]:
     best_manager.delete(stale)  # saved after the checkpoint we resumed from: redone below
-  prior_seconds = selection.seconds
 
   writer = metrics.MetricsWriter(workdir, total_steps=total_steps, enabled=is_main)
   peak = metrics.peak_flops_per_device(config, jax.devices()[0])
@@ -201,6 +198,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                          else None)
       last_log[:] = [(step, now)]
       values["epoch"] = step / steps_per_epoch
+      clock.update()
       writer.write(step, values)
       writer.progress(step, values)
 
@@ -218,7 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                   "layout_version": checkpoint.LAYOUT_VERSION})), force=True)
       best_manager.wait_until_finished()
     if is_main:
-      selection.save(prior_seconds + time.perf_counter() - started)
+      selection.save()
     best = selection.history[selection.best_epoch]
     writer.write(step, {"val_macro_auc": scored["macro_auc"], "epoch": epoch,
                         **{f"val_auc/{k}": v for k, v in scored["per_class"].items()}})
@@ -261,16 +259,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.close()
     if hasattr(train_iter, "close"):
       train_iter.close()
+  clock.update()
   if stopped:
     best_manager.close()
     return {"stopped_at_step": int(jax.device_get(state.step))}
 
   try:
     summary = _test_and_report(ft, config, state, sources, classes, selection, best_manager,
-                               init, total_steps, steps_per_epoch,
-                               prior_seconds + time.perf_counter() - started)
+                               init, total_steps, steps_per_epoch)
   finally:
     best_manager.close()
+  summary.update({k: clock.update()[k] for k in ("accelerator_seconds", "device_kind",
+                                                  "num_devices")})
   if is_main:
     results.write_json(workdir / RESULTS_FILE, summary)
     t = summary["test_at_best_val"]
@@ -287,7 +287,7 @@ def _restore_best(best_manager, abstract_params) -> tuple[Any, int]:
 
 
 def _test_and_report(ft, config, state, sources, classes, selection, best_manager, init,
-                     total_steps, steps_per_epoch, seconds) -> dict[str, Any]:
+                     total_steps, steps_per_epoch) -> dict[str, Any]:
   """The test split, scored once at the best-on-val parameters and once at the last ones."""
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
   test_ds = data.eval_dataset(config, sources["test"], **process)
@@ -321,7 +321,5 @@ def _test_and_report(ft, config, state, sources, classes, selection, best_manage
       "split_hashes": data.split_hashes(sources),
       "git_commit": results.git_commit(),
       "versions": results.versions(),
-      "accelerator_seconds": float(seconds * jax.device_count()),
-      "device_kind": jax.devices()[0].device_kind,
-      "num_devices": jax.device_count(),
+      # accelerator_seconds, device_kind, num_devices: from the run's accelerator clock
   }
