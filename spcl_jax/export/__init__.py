@@ -71,6 +71,8 @@ def export_checkpoint(workdir: str | os.PathLike[str], export_format: str,
                       in_chans: int | None = None) -> list[pathlib.Path]:
   """Restores checkpoint `step` (None: latest) of `workdir` and exports it."""
   check_request(export_format, pathlib.Path(out).expanduser(), in_chans)
+  if not pathlib.Path(workdir).expanduser().is_dir():
+    raise FileNotFoundError(f"--workdir {str(workdir)!r} does not exist or is not a directory")
   info = read_run_info(workdir)
   if classifier.is_finetune_workdir(info):
     return export_classifier(workdir, info, export_format, out, step, in_chans)
