@@ -56,6 +56,10 @@ def prepared_nih(root: pathlib.Path) -> pathlib.Path:
     rows.append(fx.nih_row(name, findings, int(patient)))
     fx.write_png(root / "raw/images" / name, _image(int(patient), labels[patient][0]))
   fx.write_csv(root / "raw/Data_Entry_2017_v2020.csv", fx.NIH_HEADER, rows)
+  # The download's own lists (official scheme): patients 1-10 are the official test set.
+  names = [f"{int(p):08d}_000.png" for p in patients]
+  (root / "raw/test_list.txt").write_text("\n".join(names[:10]) + "\n")
+  (root / "raw/train_val_list.txt").write_text("\n".join(names[10:]) + "\n")
   return _run_prepare("nih_chestxray14", root / "raw", root / "prepared")
 
 

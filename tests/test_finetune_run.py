@@ -209,3 +209,16 @@ def test_user_split_files_are_read_and_a_single_valued_val_class_is_an_error(pre
     config.split_files[name] = str(tmp_path / f"{name}.txt")
   with pytest.raises(SingleClassError, match="class 'Atelectasis' has only .* val split"):
     run(config, tmp_path / "run")
+
+
+def test_official_scheme_reads_the_official_split_files(prepared):
+  from spcl_jax.finetune import data
+  config = ff.finetune_config("nih14", prepared["nih14"], split_scheme="official",
+                              label_fraction=10)
+  sources = data.split_sources(config)
+  assert len(sources["test"]) == 10  # the download's test_list.txt
+  assert len(sources["train"]) + len(sources["val"]) < 40  # train: a 10% subset of the rest
+  assert {s["name"] for s in (sources["test"][i] for i in range(10))} == {
+      f"{p:08d}_000.png" for p in range(1, 11)}
+  assert set(data.split_hashes(sources)) == {"official_train_10pct", "official_val",
+                                             "official_test"}
