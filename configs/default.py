@@ -63,8 +63,13 @@ def get_config() -> ml_collections.ConfigDict:
   )
 
   config.log_every_steps = 50
-  config.eval_every_steps = 1000
-  config.eval_batches = 4          # eval batches of batch_size images (capped by the data)
+  # Evaluators (spcl_jax/evaluators/): name -> {type, every_steps, ...}; each also runs at step
+  # 0 and at the last step, and logs PREFIX + metric (prefix default: "NAME_").
+  config.evals = ml_collections.ConfigDict()
+  # S-PCL's own task on images it does not train on where the source has such a split
+  # (prepared:...,split=train -> val): loss and pair retrieval over `batches` x batch_size images.
+  config.evals.retrieval = dict(type="pair_retrieval", every_steps=1000, batches=4,
+                                prefix="eval_")
   config.checkpoint_every_steps = 1000
   config.max_checkpoints_to_keep = 3
   config.peak_flops_per_device = 0.0  # 0 looks the device kind up in metrics.PEAK_FLOPS

@@ -18,7 +18,11 @@ def get_config():
   config.optim.learning_rate = 1e-3
   config.optim.warmup_fraction = 0.1
   config.log_every_steps = 20
-  config.eval_every_steps = 100
-  config.eval_batches = 1
+  config.evals.retrieval.every_steps = 100
+  config.evals.retrieval.batches = 1
+  # Do the features know normal from pneumonia? The label is in each bundled file name; the 16
+  # images are split by patient into 9 train / 7 val images (spcl_jax/data/eval_splits.py).
+  config.evals.probe = dict(type="linear_probe", every_steps=100, data="sample")
+  config.evals.knn = dict(type="knn", every_steps=100, data="sample")
   config.checkpoint_every_steps = 200
   return config

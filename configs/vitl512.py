@@ -16,6 +16,6 @@ def get_config():
   config.batch_size = 512
   config.total_steps = 100_000
   config.data.num_workers = 8
-  config.eval_every_steps = 2000
+  config.evals.retrieval.every_steps = 2000
   config.checkpoint_every_steps = 2000
   return config

@@ -33,7 +33,20 @@ def per_class_auc(labels: np.ndarray, scores: np.ndarray, class_names: Sequence[
     raise ValueError("labels must be 0 or 1")
   if not np.isfinite(scores).all():
     raise ValueError("scores contain NaN or Inf")
-  result = {}
+  require_both_values(labels, class_names, split=split)
+  return {name: float(roc_auc_score(labels[:, k], scores[:, k]))
+          for k, name in enumerate(class_names)}
+
+
+def require_both_values(labels: np.ndarray, class_names: Sequence[str], *,
+                        split: str = "the scored split") -> None:
+  """Raises SingleClassError naming the first class whose (M, K) labels are all 0 or all 1.
+
+  A probe cannot be fitted on such a class either, so evaluators check their train split too.
+  """
+  labels = np.asarray(labels)
+  if labels.ndim == 1:
+    labels = labels[:, None]
   for k, name in enumerate(class_names):
     column = labels[:, k]
     positives = int(column.sum())
@@ -42,8 +55,6 @@ def per_class_auc(labels: np.ndarray, scores: np.ndarray, class_names: Sequence[
       raise SingleClassError(
           f"class {name!r} has only {value} labels on {split} ({len(column)} images): its AUC is "
           "undefined; use a larger split or drop the class explicitly")
-    result[name] = float(roc_auc_score(column, scores[:, k]))
-  return result
 
 
 def macro_auc(labels: np.ndarray, scores: np.ndarray, class_names: Sequence[str],

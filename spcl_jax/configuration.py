@@ -24,8 +24,8 @@ def _require(condition: bool, message: str) -> None:
 
 
 def _check_positive_ints(config: ml_collections.ConfigDict) -> None:
-  for field in ("total_steps", "batch_size", "log_every_steps", "eval_every_steps",
-                "eval_batches", "checkpoint_every_steps", "max_checkpoints_to_keep"):
+  for field in ("total_steps", "batch_size", "log_every_steps", "checkpoint_every_steps",
+                "max_checkpoints_to_keep"):
     value = config[field]
     _require(isinstance(value, int) and value >= 1,
              f"config.{field}={value!r} must be a positive integer")
@@ -118,6 +118,15 @@ def _check_batching(config: ml_collections.ConfigDict, num_batch_shards: int,
            f"config.batch_size={config.batch_size}: a contrastive batch needs >= 2 images")
 
 
+def _check_evals(config: ml_collections.ConfigDict) -> None:
+  for old in ("eval_every_steps", "eval_batches"):
+    _require(old not in config,
+             f"config.{old} is gone: evaluators are configured in config.evals (e.g. "
+             f"config.evals.retrieval.{'every_steps' if old == 'eval_every_steps' else 'batches'})")
+  from spcl_jax import evaluators  # pylint: disable=g-import-not-at-top  (it imports this module)
+  evaluators.check_eval_configs(config.get("evals") or ml_collections.ConfigDict())
+
+
 def validate_config(config: ml_collections.ConfigDict, *, num_batch_shards: int = 1,
                     process_count: int = 1) -> None:
   """Raises ConfigError naming the first bad field."""
@@ -127,3 +136,4 @@ def validate_config(config: ml_collections.ConfigDict, *, num_batch_shards: int 
   _check_optim(config)
   _check_data(config)
   _check_batching(config, num_batch_shards, process_count)
+  _check_evals(config)

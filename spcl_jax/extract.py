@@ -18,18 +18,14 @@ import argparse
 import os
 import pathlib
 import sys
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import tqdm
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from spcl_jax import features
 from spcl_jax.data import sources
-from spcl_jax.data.decode import decode_image
-from spcl_jax.models.vit import encode_images
-from spcl_jax.data.normalize import normalize_uint8
 from spcl_jax.pretrained import PretrainedEncoder, load_pretrained
 
 PREPARED_KIND = "prepared"
@@ -67,76 +63,31 @@ def _image_folder(images: str) -> sources.FolderSource:
   return sources.FolderSource(folder)
 
 
-def make_encode_fn(pretrained: PretrainedEncoder, mean_patch: bool):
-  """uint8 (B, S, S) -> {'cls': (B, D)[, 'mean_patch': (B, D)]} in float32, jitted once."""
-  model, mean, std = pretrained.model, pretrained.mean, pretrained.std
-
-  @jax.jit
-  def encode(params: Any, images_u8: jax.Array) -> dict[str, jax.Array]:
-    x = normalize_uint8(images_u8, mean, std)
-    if model.channels > 1:  # a model trained on C channels sees the grayscale copied to each
-      x = jnp.repeat(x[..., None], model.channels, axis=-1)
-    tokens = encode_images(model, params, x).astype(jnp.float32)
-    out = {"cls": tokens[:, 0]}
-    if mean_patch:
-      out["mean_patch"] = tokens[:, 1:].mean(axis=1)
-    return out
-
-  return encode
-
-
-def decoded_batches(source: sources.ImageSource, image_size: int, resize_filter: str,
-                    batch_size: int) -> Iterator[tuple[list[str], np.ndarray]]:
-  """(names, uint8 (batch_size, S, S)) in source order; the last batch is zero-padded.
-
-  Padding keeps one batch shape, so the encoder compiles once; the names say how many rows
-  of the last batch are real.
-  """
-  for start in range(0, len(source), batch_size):
-    records = [source[i] for i in range(start, min(start + batch_size, len(source)))]
-    images = np.zeros((batch_size, image_size, image_size), np.uint8)
-    for row, record in enumerate(records):
-      images[row] = decode_image(record, image_size, resize_filter)
-    yield [r["name"] for r in records], images
-
-
 def extract_features(pretrained: PretrainedEncoder, source: sources.ImageSource, *,
                      batch_size: int = 32, mean_patch: bool = False,
                      progress: bool = True) -> dict[str, np.ndarray]:
-  """Features of every image of `source`, in source order (see the module docstring)."""
+  """Features of every image of `source`, in source order, on every local device.
+
+  `spcl_jax.features` does the work (shared with the evaluators): the batch is split over all
+  devices, rounded up to a multiple of them, and the last batch's padding is masked out.
+  """
   if batch_size < 1:
     raise ValueError(f"--batch-size {batch_size}: must be at least 1")
   if len(source) == 0:
     raise ValueError(f"{source!r} has no images")
-  batch_size = min(batch_size, len(source))  # no padding work beyond the dataset
-  encode = make_encode_fn(pretrained, mean_patch)
-  params = jax.device_put(pretrained.params)
-  names: list[str] = []
-  columns: dict[str, list[np.ndarray]] = {}
-  pending = None  # the previous batch, still computing on the device while we decode
-  bar = tqdm.tqdm(total=len(source), unit="img", desc="extract", disable=not progress)
+  poolings = ("cls", "mean_patch") if mean_patch else ("cls",)
+  _, batch_sharding = features.data_parallel_mesh()
+  encode = features.make_encode_fn(pretrained.model, pretrained.mean, pretrained.std, poolings,
+                                   batch_sharding)
+  params = jax.device_put(pretrained.params, NamedSharding(batch_sharding.mesh, P()))
   # float32 features at full precision: accelerators otherwise round float32 matmuls.
-  with jax.default_matmul_precision("highest"), bar:
-    for batch_names, images in decoded_batches(
-        source, pretrained.image_size, pretrained.resize_filter, batch_size):
-      outputs = encode(params, images)  # dispatched asynchronously
-      if pending is not None:
-        _collect(pending, names, columns, bar)
-      pending = (batch_names, outputs)
-    if pending is not None:
-      _collect(pending, names, columns, bar)
-  features = {k: np.concatenate(v) for k, v in columns.items()}
-  features["names"] = np.asarray(names, dtype=str)
-  return features
-
-
-def _collect(pending: tuple[list[str], dict[str, jax.Array]], names: list[str],
-             columns: dict[str, list[np.ndarray]], bar: tqdm.tqdm) -> None:
-  batch_names, outputs = pending
-  names.extend(batch_names)
-  for key, value in outputs.items():
-    columns.setdefault(key, []).append(np.asarray(value)[:len(batch_names)])
-  bar.update(len(batch_names))
+  with jax.default_matmul_precision("highest"):
+    result = features.extract(encode, params, source, batch_sharding=batch_sharding,
+                              image_size=pretrained.image_size,
+                              resize_filter=pretrained.resize_filter, batch_size=batch_size,
+                              progress=progress)
+  result["names"] = np.asarray(features.record_names(source), dtype=str)
+  return result
 
 
 def check_out(out: str | os.PathLike[str]) -> pathlib.Path:

@@ -54,7 +54,7 @@ def main(argv):
   if FLAGS.distributed:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id)
-  from spcl_jax import train  # pylint: disable=g-import-not-at-top
+  from spcl_jax import auc, evaluators, train  # pylint: disable=g-import-not-at-top
   from spcl_jax.configuration import ConfigError  # pylint: disable=g-import-not-at-top
   try:
     config = FLAGS.config
@@ -63,12 +63,13 @@ def main(argv):
     _fail(f"--config: {' '.join(str(e).split())}")
   try:
     summary = train.train_and_evaluate(config, FLAGS.workdir)
-  except (ConfigError, train.NonFiniteLossError) as e:
+  except (ConfigError, train.NonFiniteLossError, auc.SingleClassError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if jax.process_index() == 0:
-    print("done: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()
-                               if isinstance(v, (int, float))), flush=True)
+    shown = ["step", *(k for k in evaluators.headline_keys(summary) if k != "step")]
+    print("done: " + ", ".join(f"{k} {summary[k]:.4g}" for k in shown
+                               if isinstance(summary.get(k), (int, float))), flush=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import math
 import pathlib
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -105,8 +106,8 @@ class MetricsWriter:
       if isinstance(value, (int, float)) and value is not None and math.isfinite(value):
         self._tb.add_scalar(key, value, global_step=int(step))
 
-  def progress(self, step: int, values: dict[str, Any]) -> None:
-    """One line: step/total, the main numbers, and the ETA from the rate since the first call."""
+  def progress(self, step: int, values: dict[str, Any], extra_keys: Sequence[str] = ()) -> None:
+    """One line: step/total, the main numbers (and `extra_keys`), and the ETA."""
     if not self.enabled:
       return
     now = time.time()
@@ -118,8 +119,9 @@ class MetricsWriter:
     rate = done / (now - self._start_time) if done > 0 else 0.0
     eta = format_duration((self.total_steps - step) / rate) if rate > 0 else "--:--"
     parts = [f"step {step}/{self.total_steps}"]
-    for key in ("loss", "eval_loss", "retrieval_top1", "eval_retrieval_top1", "temperature",
-                "images_per_sec"):
+    keys = ("loss", "eval_loss", "retrieval_top1", "eval_retrieval_top1", "temperature",
+            "images_per_sec")
+    for key in (*keys, *(k for k in extra_keys if k not in keys)):
       if key in values and values[key] is not None:
         parts.append(f"{key} {values[key]:.4g}")
     parts.append(f"ETA {eta}")

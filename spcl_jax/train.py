@@ -1,9 +1,12 @@
 """S-PCL pre-training: `train_and_evaluate(config, workdir)`, readable top to bottom.
 
-  validate config -> mesh -> model, optimizer, sharded state -> data iterator -> resume from the
-  latest checkpoint in WORKDIR if there is one -> [eval at step 0] -> loop: global batch, step
-  key = fold_in(train key, step), jitted step, metrics, eval, checkpoint -> final checkpoint and
-  eval.
+  validate config -> mesh -> model, optimizer, sharded state -> data iterator -> evaluators
+  (config.evals) -> resume from the latest checkpoint in WORKDIR if there is one -> [evaluators
+  at step 0] -> loop: global batch, step key = fold_in(train key, step), jitted step, metrics,
+  checkpoint, the evaluators that are due -> final checkpoint.
+
+The trainer knows no evaluator by name: `spcl_jax.evaluators` builds those that config.evals
+lists and runs the ones due at a step (each on its schedule, and at the first and last step).
 
 Host syncs are lagged by one step: the loop reads step t's metrics after dispatching step t+1,
 so the accelerator never waits for Python. A non-finite loss stops the run before any checkpoint
@@ -20,9 +23,8 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from clu import metrics as clu_metrics
 
-from spcl_jax import accelerator_time, checkpoint, metrics, run_info, sharding, steps
+from spcl_jax import accelerator_time, checkpoint, evaluators, metrics, run_info, sharding, steps
 from spcl_jax.preemption import StopRequest
 from spcl_jax.configuration import validate_config
 from spcl_jax.data import pipeline
@@ -31,36 +33,14 @@ from spcl_jax.data.sources import open_source
 log = logging.getLogger("spcl_jax")
 
 
-# Means over equal-sized eval batches (clu.metrics; clu's writers would import TensorFlow).
-# Built with create(): this module's postponed annotations would hide field types from clu.
-EvalMetrics = clu_metrics.Collection.create(
-    eval_loss=clu_metrics.Average.from_output("loss"),
-    eval_retrieval_top1=clu_metrics.Average.from_output("retrieval"))
-
-
 class NonFiniteLossError(FloatingPointError):
   """The loss or gradient became NaN/Inf; the last good checkpoint is kept."""
 
 
 def _keys(seed: int) -> dict[str, jax.Array]:
+  # Index 2 is the pair-retrieval evaluator's (spcl_jax/evaluators/pair_retrieval.py).
   root = jax.random.key(seed)
-  return {name: jax.random.fold_in(root, i)
-          for i, name in enumerate(("init", "train", "eval"))}
-
-
-def _evaluate(eval_step, params, eval_ds, eval_key, mesh, config) -> dict[str, float]:
-  """Loss and pair retrieval on fixed images with fixed partitions from the eval key.
-
-  The eval key is separate from the train key, so these partitions are never trained on; it is
-  the same at every evaluation, so the numbers are comparable across steps.
-  """
-  totals = None
-  for i in range(len(eval_ds)):
-    images = steps.global_batch(pipeline.as_numpy_batch(eval_ds[i]), mesh, config)
-    loss, retrieval = eval_step(params, images, jax.random.fold_in(eval_key, i))
-    batch = EvalMetrics.single_from_model_output(loss=loss, retrieval=retrieval)
-    totals = batch if totals is None else totals.merge(batch)
-  return {k: float(v) for k, v in totals.compute().items()}
+  return {name: jax.random.fold_in(root, i) for i, name in enumerate(("init", "train"))}
 
 
 def _check_finite(step: int, values: dict[str, float], last_checkpoint: int | None,
@@ -96,6 +76,35 @@ class _Throughput:
     return {"images_per_sec": images_per_sec, "tflops_per_sec": flops / 1e12, "mfu": mfu}
 
 
+class _TrainLog:
+  """Checks every step's loss and gradient; every log_every_steps writes a line of metrics."""
+
+  def __init__(self, config: ml_collections.ConfigDict, writer: metrics.MetricsWriter,
+               workdir: pathlib.Path, clock: accelerator_time.AcceleratorClock):
+    self.config, self.writer, self.workdir, self.clock = config, writer, workdir, clock
+    self.throughput = _Throughput(config)
+    self.last: dict[str, Any] = {}
+
+  def record(self, step: int, device_metrics: dict[str, jax.Array],
+             last_checkpoint: int | None) -> None:
+    values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    _check_finite(step, values, last_checkpoint, self.workdir)
+    if step % self.config.log_every_steps == 0 or step == 1 or step == self.config.total_steps:
+      self.last = {**values, **self.throughput.measure(step)}
+      self.writer.write(step, self.last)
+      self.writer.progress(step, self.last)
+      self.clock.update()  # accelerator time: a run killed without warning loses one interval
+
+
+def _run_evaluators(evals: evaluators.Evaluators, writer: metrics.MetricsWriter, step: int,
+                    params: Any, *, first: bool = False, last: bool = False) -> dict[str, float]:
+  results = evals.run_due(step, params, first=first, last=last)
+  if results:
+    writer.write(step, results)
+    writer.progress(step, results, extra_keys=evaluators.headline_keys(results))
+  return results
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Pre-trains (or resumes) in `workdir`; returns the last train and eval metrics."""
   workdir = pathlib.Path(workdir).expanduser().resolve()
@@ -122,8 +131,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_iter = iter(pipeline.train_dataset(
       config, process_index=jax.process_index(), process_count=jax.process_count(),
       source=source))
-  eval_ds = pipeline.eval_dataset(config, process_index=jax.process_index(),
-                                  process_count=jax.process_count(), source=source)
+  evals = evaluators.Evaluators(config, training, workdir if is_main else None)
 
   manager = checkpoint.make_manager(workdir, max_to_keep=config.max_checkpoints_to_keep)
   last_checkpoint = manager.latest_step()
@@ -141,36 +149,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     print(f"nothing to do: the run in {workdir} is at step {start_step} and "
           f"config.total_steps={config.total_steps}; raise it to train further", flush=True)
 
-  train_step, eval_step = training.train_step, training.eval_step
+  train_step = training.train_step
   writer = metrics.MetricsWriter(workdir, total_steps=config.total_steps, enabled=is_main)
-  throughput = _Throughput(config)
-  last_train: dict[str, Any] = {}
-  last_eval: dict[str, Any] = {}
-
-  def run_eval(step: int) -> None:
-    nonlocal last_eval
-    last_eval = _evaluate(eval_step, state.params, eval_ds, keys["eval"], mesh, config)
-    writer.write(step, last_eval)
-    writer.progress(step, last_eval)
-
-  def record_train(step: int, device_metrics: dict[str, jax.Array]) -> None:
-    nonlocal last_train
-    values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-    _check_finite(step, values, last_checkpoint, workdir)
-    if step % config.log_every_steps == 0 or step == 1 or step == config.total_steps:
-      last_train = {**values, **throughput.measure(step)}
-      writer.write(step, last_train)
-      writer.progress(step, last_train)
-      clock.update()
-
-  def save(step: int) -> None:
-    nonlocal last_checkpoint
-    checkpoint.save(manager, step, state.params, state.opt_state, train_iter)
-    last_checkpoint = step
+  train_log = _TrainLog(config, writer, workdir, clock)
+  last_eval: dict[str, float] = {}
 
   try:
     if start_step == 0:
-      run_eval(0)
+      last_eval.update(_run_evaluators(evals, writer, 0, state.params, first=True))
     pending: tuple[int, dict[str, jax.Array]] | None = None
     with StopRequest(agree_every=config.log_every_steps) as stop:
       for step in range(start_step + 1, config.total_steps + 1):
@@ -178,24 +164,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         step_key = jax.random.fold_in(keys["train"], step - 1)
         state, step_metrics = train_step(state, images, step_key)
         if pending is not None:
-          record_train(*pending)
+          train_log.record(*pending, last_checkpoint)
         pending = (step, step_metrics)
         is_last = step == config.total_steps
         stopping = stop.should_stop(step)
         if step % config.checkpoint_every_steps == 0 or is_last or stopping:
-          record_train(*pending)  # never checkpoint a state whose loss was not checked
+          train_log.record(*pending, last_checkpoint)  # never checkpoint an unchecked state
           pending = None
-          save(step)
-        if step % config.eval_every_steps == 0 or is_last:
-          run_eval(step)
+          checkpoint.save(manager, step, state.params, state.opt_state, train_iter)
+          last_checkpoint = step
+        last_eval.update(_run_evaluators(evals, writer, step, state.params, last=is_last))
         if stopping:
           print(f"stopped at step {step}; checkpoint saved, rerun the same command to resume",
                 flush=True)
           break
       if pending is not None:
-        record_train(*pending)
-    if last_checkpoint != int(jax.device_get(state.step)):
-      save(int(jax.device_get(state.step)))
+        train_log.record(*pending, last_checkpoint)
+    final_step = int(jax.device_get(state.step))
+    if last_checkpoint != final_step:
+      checkpoint.save(manager, final_step, state.params, state.opt_state, train_iter)
   finally:
     # Also on errors: finish a checkpoint already being written, stop grain's workers.
     manager.wait_until_finished()
@@ -204,4 +191,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.close()
     if hasattr(train_iter, "close"):
       train_iter.close()
-  return {**last_train, **last_eval, "step": int(jax.device_get(state.step))}
+  return {**train_log.last, **last_eval, "step": int(jax.device_get(state.step))}

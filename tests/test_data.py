@@ -145,8 +145,8 @@ def test_worker_processes_give_the_same_stream():
 
 def test_eval_set_needs_one_batch_of_distinct_images():
   config = small_config()
-  config.eval_batches = 10
-  assert pipeline.eval_num_batches(config, 16) == 4
+  assert pipeline.eval_num_batches(config, 16, max_batches=10) == 4
+  assert pipeline.eval_num_batches(config, 16, max_batches=2) == 2
   config.batch_size = 32
   with pytest.raises(ValueError, match="config.batch_size=32"):
-    pipeline.eval_num_batches(config, 16)
+    pipeline.eval_num_batches(config, 16, max_batches=10)

@@ -226,3 +226,23 @@ def test_nih_findings_are_the_official_fourteen_in_data_entry_order():
   target = nih_chestxray14.targets(np.array([codes]))
   assert target.dtype == np.float32
   np.testing.assert_array_equal(target, [[0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+
+
+def test_every_dataset_module_keeps_the_contract_and_a_broken_one_is_named():
+  import types
+
+  from spcl_jax.data import datasets
+  for name in datasets.DATASET_NAMES:
+    module = datasets.dataset_module(name)
+    assert isinstance(module, datasets.DatasetModule)
+  assert datasets.dataset_module("siim_acr").HAS_MASKS
+  assert not datasets.dataset_module("chexpert").HAS_MASKS
+  broken = types.ModuleType("my_dataset")
+  broken.__dict__.update(NAME="x", LABELS=("a",), TASK_LABELS=("a",), IMAGE_FORMAT="file",
+                         PATIENT_SPLIT=True, read_manifest=lambda src: None, targets=None,
+                         official_lists=None)
+  with pytest.raises(TypeError, match="my_dataset.HAS_MASKS must be a bool"):
+    datasets.check_contract(broken)
+  broken.HAS_MASKS = False
+  with pytest.raises(TypeError, match="need a targets"):
+    datasets.check_contract(broken)

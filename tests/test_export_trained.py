@@ -19,6 +19,7 @@ def trained_workdir(tmp_path_factory):
   config.model.image_size = 64
   config.total_steps = 4
   config.checkpoint_every_steps = 4
+  del config.evals["probe"], config.evals["knn"]  # exported here; evaluated in test_train.py
   workdir = tmp_path_factory.mktemp("trained")
   train.train_and_evaluate(config, str(workdir))
   return workdir, config

@@ -9,8 +9,29 @@ import numpy as np
 import pytest
 
 from configs import demo
-from spcl_jax import accelerator_time, checkpoint, optimizer, run_info, steps, train
+from spcl_jax import accelerator_time, checkpoint, evaluators, optimizer, run_info, steps, train
 from spcl_jax.configuration import ConfigError
+
+
+class CountingEvaluator:
+  """A plug-in defined here, outside the package: the trainer must run it on its schedule."""
+
+  def __init__(self, name, eval_config, training):
+    self.offset = eval_config.offset
+    self.description = f"{name}: counts its calls"
+    self.calls = 0
+    assert training.config.model.variant == "mu/16"  # it is handed the run's training setup
+
+  def images(self):
+    return {}
+
+  def run(self, params):
+    self.calls += 1
+    return {"calls": self.calls + self.offset,
+            "cls_norm": float(np.linalg.norm(np.asarray(params["encoder"]["cls"])))}
+
+
+evaluators.register("counting", CountingEvaluator)
 
 
 def quick_config(**overrides):
@@ -18,7 +39,9 @@ def quick_config(**overrides):
   config.model.image_size = 64
   config.total_steps = 30
   config.log_every_steps = 1
-  config.eval_every_steps = 15
+  for entry in config.evals.values():
+    entry.every_steps = 15
+  config.evals.count = dict(type="counting", every_steps=7, offset=100)
   config.checkpoint_every_steps = 10
   config.max_checkpoints_to_keep = 5
   config.update(overrides)
@@ -47,6 +70,17 @@ def test_training_lowers_the_loss_and_writes_everything(finished_run):
   evals = [r for r in records if "eval_loss" in r]
   assert [r["step"] for r in evals] == [0, 15, 30]
   assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+  for name in ("probe", "knn"):  # the demo's probes on the sample's normal/pneumonia labels
+    aucs = [r for r in records if f"{name}_auc" in r]
+    assert [r["step"] for r in aucs] == [0, 15, 30]
+    assert all(0 <= r[f"{name}_auc"] == r[f"{name}_auc/pneumonia"] <= 1 for r in aucs)
+  # The plug-in: every 7 steps, at the first and at the last step; its metrics as count_*.
+  counts = [r for r in records if "count_calls" in r]
+  assert [(r["step"], r["count_calls"]) for r in counts] == [
+      (0, 101), (7, 102), (14, 103), (21, 104), (28, 105), (30, 106)]
+  assert counts[0]["count_cls_norm"] != counts[-1]["count_cls_norm"]  # it saw trained params
+  images = json.loads((workdir / "eval_images.json").read_text())
+  assert sorted(images["probe"]["train"] + images["probe"]["val"]) == sorted(images["retrieval"]["eval"])
   losses = train_losses(records)
   assert sorted(losses) == list(range(1, 31))
   assert np.mean([losses[s] for s in range(26, 31)]) < np.mean([losses[s] for s in range(1, 6)])

@@ -107,23 +107,22 @@ def train_dataset(config: ml_collections.ConfigDict, *, process_index: int = 0,
   return _with_workers(ds.to_iter_dataset(_read_options(config)), config.data.num_workers)
 
 
-def eval_num_batches(config: ml_collections.ConfigDict, num_images: int) -> int:
-  """Whole batches of distinct images, at most config.eval_batches."""
+def eval_num_batches(config: ml_collections.ConfigDict, num_images: int, max_batches: int,
+                     what: str = "the source") -> int:
+  """Whole batches of distinct images, at most `max_batches`."""
   full = num_images // config.batch_size
   if full < 1:
     raise ValueError(f"config.batch_size={config.batch_size} is larger than the "
-                     f"{num_images} images of {config.data.source!r}: evaluation needs one "
-                     "batch of distinct images")
-  return min(full, int(config.eval_batches))
+                     f"{num_images} images of {what}: evaluation needs one batch of distinct "
+                     "images")
+  return min(full, int(max_batches))
 
 
-def eval_dataset(config: ml_collections.ConfigDict, *, process_index: int = 0,
-                 process_count: int = 1, source: ImageSource | None = None
-                 ) -> grain.MapDataset:
+def eval_dataset(config: ml_collections.ConfigDict, source: ImageSource, *, max_batches: int,
+                 process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
   """The first eval_num_batches * B images in source order, this process's blocks, batched."""
-  source = open_source(config.data.source) if source is None else source
   b = local_batch_size(config.batch_size, process_count)
-  n = eval_num_batches(config, len(source)) * config.batch_size
+  n = eval_num_batches(config, len(source), max_batches, repr(source)) * config.batch_size
   ds = grain.MapDataset.source(source)[:n]
   ds = ProcessBlockDataset(ds, config.batch_size, b, process_index)
   ds = ds.map(DecodeImage(config.model.image_size, config.data.resize_filter))

@@ -82,7 +82,7 @@ def select_views(entries: list[mf.Entry], views: str, problems: mf.Problems | No
 
 def official_lists(module, manifest: mf.Manifest) -> dict[str, list[str]]:
   """Stem -> names of the lists the download itself defines (NIH's list files, CheXpert's CSVs)."""
-  if hasattr(module, "official_lists"):
+  if module.official_lists is not None:
     return module.official_lists(manifest.entries)
   return manifest.official_splits
 
@@ -94,7 +94,7 @@ def make_splits(module, manifest: mf.Manifest, views: str) -> dict[str, list[str
   entries = select_views(manifest.entries, views, problems=None)
   names = sorted(entry.name for entry in entries)
   splits = {"all": names}
-  if module.DOWNSTREAM:
+  if module.PATIENT_SPLIT:
     patient_of = {entry.name: entry.patient for entry in entries}
     splits.update(splits_lib.split_images(patient_of))
     splits.update(splits_lib.label_fractions(splits["train"]))

@@ -205,6 +205,10 @@ class PreparedSource:
     record = self.folder.record(self.indices[index])
     return {"name": record["name"].decode(), "encoded": record["image"]}
 
+  def name(self, index: int) -> str:
+    """Record `index`'s name from the index, without reading the record."""
+    return self.folder.names[self.indices[index]]
+
   def shard(self, process_index: int, process_count: int):
     """This process's contiguous slice (grain's ShardOptions convention), same type."""
     if not 0 <= process_index < process_count:

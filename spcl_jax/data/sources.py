@@ -73,7 +73,11 @@ class FolderSource:
       raise ValueError(f"image {str(path)!r} is {width}x{height} px, a side below the minimum "
                        f"{self.min_side} (config.data.source 'folder:PATH,min_side=N' lowers it; "
                        "or remove the file)")
-    return {"name": str(path.relative_to(self.root)), "encoded": data}
+    return {"name": self.name(index), "encoded": data}
+
+  def name(self, index: int) -> str:
+    """Record `index`'s name without reading the file."""
+    return str(self.paths[index].relative_to(self.root))
 
   def __repr__(self) -> str:
     return f"FolderSource({str(self.root)!r}, {len(self)} images)"

@@ -265,10 +265,11 @@ def _check_against_model(params: dict[str, Any], arch: dict[str, int], grid: int
   expected = flax.traverse_util.flatten_dict(abstract_params(model), sep="/")
   actual = flax.traverse_util.flatten_dict(params, sep="/")
   for name in sorted(expected.keys() | actual.keys()):
-    if name not in actual or name not in expected or \
-        tuple(np.shape(actual[name])) != tuple(expected[name].shape):
-      raise ValueError(f"{str(path)!r}: parameter {name!r} does not fit our ViT "
-                       f"({np.shape(actual.get(name))} vs {getattr(expected.get(name), 'shape', None)})")
+    got = tuple(np.shape(actual[name])) if name in actual else None
+    want = tuple(expected[name].shape) if name in expected else None
+    if got != want:
+      raise ValueError(f"{str(path)!r}: parameter {name!r} has shape {got}, our ViT expects "
+                       f"{want}")
 
 
 def _variant_name(arch: dict[str, int]) -> str | None:

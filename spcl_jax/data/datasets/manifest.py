@@ -14,6 +14,9 @@ import gzip
 import io
 import pathlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
 
 # Raw label codes, stored as they are so that the uncertainty policy stays a reader option.
 POSITIVE, NEGATIVE, UNCERTAIN, BLANK = 1, 0, -1, -2
@@ -79,6 +82,15 @@ class Problems:
 
   def __repr__(self) -> str:
     return f"Problems({ {k: len(v) for k, v in self.items.items()} })"
+
+
+def positive_targets(codes: Any, policy: str = "ones") -> np.ndarray:
+  """Raw codes -> float32 targets for a dataset without uncertain labels: POSITIVE -> 1, else 0.
+
+  `policy` (CheXpert's uncertainty policy) means nothing here and is accepted for the contract.
+  """
+  del policy
+  return (np.asarray(codes) == POSITIVE).astype(np.float32)
 
 
 def keep_first_entry(entries: dict[str, Entry], entry: Entry, problems: Problems,

@@ -18,7 +18,10 @@ NAME = "mimic_cxr_jpg"
 LABELS: tuple[str, ...] = ()
 TASK_LABELS: tuple[str, ...] = ()
 IMAGE_FORMAT = "file"
-DOWNSTREAM = False  # Pre-training only: no 7:2:1 split, only all.txt.
+PATIENT_SPLIT = False  # Pre-training only: no 7:2:1 split, only all.txt.
+HAS_MASKS = False
+targets = None  # no labels to predict
+official_lists = None
 METADATA_PATTERNS = ("mimic-cxr-2.0.0-metadata.csv.gz", "mimic-cxr-2.0.0-metadata.csv")
 IMAGE_DIR = "files"
 _COLUMNS = ("dicom_id", "subject_id", "study_id", "ViewPosition")
@@ -61,14 +64,7 @@ def read_manifest(src, *, check_files: bool = True) -> mf.Manifest:
     entry = mf.Entry(name=path, path=path, patient=cells["subject_id"],
                      view=cells["ViewPosition"].upper())
     valid_rows_of.setdefault(cells["dicom_id"], []).append(row.where)
-    previous = entries.get(path)
-    if previous is None:
-      entries[path] = entry
-    elif previous == entry:
-      problems.add("duplicate_row", path, row.where)
-    else:
-      problems.add("conflicting_rows", path, f"{row.where}: view {entry.view!r} differs from "
-                   f"{previous.view!r}; first row kept")
+    mf.keep_first_entry(entries, entry, problems, row.where)
   exclusions.report(problems, valid_rows_of)
   kept = [entry for path, entry in entries.items() if _dicom_id(path) not in exclusions.names]
   if check_files:

@@ -22,7 +22,9 @@ LABELS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "No
           "Pleural_Thickening", "Hernia")
 TASK_LABELS = LABELS
 IMAGE_FORMAT = "file"
-DOWNSTREAM = True
+PATIENT_SPLIT = True  # gets the 7:2:1 patient split and label fractions
+HAS_MASKS = False
+official_lists = None  # read_manifest reads the official lists into Manifest.official_splits
 NO_FINDING = "No Finding"
 METADATA_PATTERNS = ("Data_Entry_2017*.csv", "*/Data_Entry_2017*.csv")
 OFFICIAL_LISTS = {"official_train_val": "train_val_list.txt", "official_test": "test_list.txt"}
@@ -104,8 +106,4 @@ def read_manifest(src, *, check_files: bool = True) -> mf.Manifest:
   return mf.Manifest(NAME, kept, problems, LABELS, official)
 
 
-def targets(codes, policy: str = "ones"):
-  """Raw codes (N, 14) -> float32 targets; NIH has no uncertain or blank labels."""
-  del policy  # Only CheXpert has uncertain labels.
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  return (np.asarray(codes) == mf.POSITIVE).astype(np.float32)
+targets = mf.positive_targets  # no uncertain labels: POSITIVE -> 1, everything else 0

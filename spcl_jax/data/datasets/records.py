@@ -167,7 +167,7 @@ def _features(module: types.ModuleType, settings: EncodeSettings):
   }
   if module.LABELS:
     features["labels"] = tfds.features.Tensor(shape=(len(module.LABELS),), dtype=np.int8)
-  if getattr(module, "HAS_MASKS", False):
+  if module.HAS_MASKS:
     features["mask"] = tfds.features.Image(shape=(size, size, 1), encoding_format="png")
   return tfds.features.FeaturesDict(features)
 

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import pathlib
 
-import numpy as np
-
 from spcl_jax.data.datasets import manifest as mf
 
 NAME = "rsna_pneumonia"
 LABELS = ("Pneumonia",)
 TASK_LABELS = LABELS
 IMAGE_FORMAT = "dicom"
-DOWNSTREAM = True
+PATIENT_SPLIT = True  # gets the 7:2:1 patient split and label fractions
+HAS_MASKS = False
+official_lists = None
 LABELS_CSV = "stage_2_train_labels.csv"
 IMAGE_DIR = "stage_2_train_images"
 _COLUMNS = ("patientId", "x", "y", "width", "height", "Target")
@@ -89,6 +89,4 @@ def read_manifest(src, *, check_files: bool = True) -> mf.Manifest:
   return mf.Manifest(NAME, entries, problems, LABELS)
 
 
-def targets(codes, policy: str = "ones") -> np.ndarray:
-  del policy  # No uncertain labels here.
-  return (np.asarray(codes) == mf.POSITIVE).astype(np.float32)
+targets = mf.positive_targets  # no uncertain labels: POSITIVE -> 1, everything else 0

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import pathlib
 
-import numpy as np
-
 from spcl_jax.data import rle
 from spcl_jax.data.datasets import manifest as mf
 
@@ -24,7 +22,8 @@ NAME = "siim_acr"
 LABELS = ("Pneumothorax",)
 TASK_LABELS = LABELS
 IMAGE_FORMAT = "dicom"
-DOWNSTREAM = True
+PATIENT_SPLIT = True  # gets the 7:2:1 patient split and label fractions
+official_lists = None
 HAS_MASKS = True
 RLE_CSV = "train-rle.csv"
 IMAGE_DIR = "dicom-images-train"
@@ -88,6 +87,4 @@ def read_manifest(src, *, check_files: bool = True) -> mf.Manifest:
   return mf.Manifest(NAME, entries, problems, LABELS)
 
 
-def targets(codes, policy: str = "ones") -> np.ndarray:
-  del policy  # No uncertain labels here.
-  return (np.asarray(codes) == mf.POSITIVE).astype(np.float32)
+targets = mf.positive_targets  # no uncertain labels: POSITIVE -> 1, everything else 0
