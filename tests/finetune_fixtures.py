@@ -103,7 +103,7 @@ PREPARED = {"nih14": prepared_nih, "chexpert": prepared_chexpert, "rsna": prepar
 def finetune_config(task: str, prepared: pathlib.Path, **overrides):
   """configs/finetune/<task>.py shrunk to a test: mu/16 at 32 px, 2 epochs of batch 8."""
   import importlib
-  config = importlib.import_module(f"configs.finetune.{task}").get_config()
+  config = importlib.import_module(f"spcl_jax.configs.finetune.{task}").get_config()
   config.data.prepared = str(prepared)
   config.model.variant = "mu/16"
   config.model.image_size = SIZE

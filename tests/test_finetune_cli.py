@@ -17,7 +17,7 @@ def test_bench_finetune_prints_images_per_second(capsys, monkeypatch):
 
 
 def test_config_errors_name_the_field(tmp_path):
-  from configs.finetune import chexpert
+  from spcl_jax.configs.finetune import chexpert
   from spcl_jax.configuration import ConfigError
   from spcl_jax.finetune.configuration import validate_finetune_config
   for field, value, message in (("label_fraction", 5, "config.label_fraction=5"),
@@ -40,7 +40,7 @@ def test_config_errors_name_the_field(tmp_path):
 def test_shipped_finetune_configs_validate_with_the_recipe(task):
   import importlib
   from spcl_jax.finetune.configuration import validate_finetune_config
-  module = importlib.import_module(f"configs.finetune.{task}")
+  module = importlib.import_module(f"spcl_jax.configs.finetune.{task}")
   config = module.get_config()
   validate_finetune_config(config, num_batch_shards=8)
   assert (config.optim.layer_decay, config.optim.base_learning_rate, config.epochs,

@@ -7,7 +7,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs.finetune import nih14
+from spcl_jax.configs.finetune import nih14
 from export_fixtures import max_abs_diff, random_encoder_params, sample_images, torch_input
 from spcl_jax import checkpoint
 from spcl_jax.data.normalize import normalize_uint8

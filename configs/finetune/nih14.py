@@ -1,12 +1,7 @@
 """Fine-tuning on ChestX-ray14, 14 findings (Medical MAE's class order).
 
-  python -m spcl_jax.finetune --config=configs/finetune/nih14.py --workdir=F \
-      --config.data.prepared=/data/nih_chestxray14 --config.init=/runs/spcl --config.label_fraction=10
-Append :512 to the config path for 512 x 512 inputs.
+Defined in spcl_jax/configs/finetune/nih14.py (importable from the installed package); this file
+lets --config=configs/finetune/nih14.py[:512] work.
 """
 
-from configs.finetune import common
-
-
-def get_config(preset=None):
-  return common.get_config("nih14", "/data/nih_chestxray14", preset)
+from spcl_jax.configs.finetune.nih14 import get_config  # noqa: F401

@@ -17,7 +17,7 @@ Override any field: --config.label_fraction=10 --config.init=/runs/spcl_b16.
 
 import ml_collections
 
-from configs import default
+from spcl_jax.configs import default
 
 
 def get_config(task: str, prepared: str, image_size_preset: str | None = None
