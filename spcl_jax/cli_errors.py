@@ -16,6 +16,7 @@ import argparse
 import sys
 import traceback
 from collections.abc import Callable
+from typing import Any
 
 USAGE_EXIT_CODE = 2
 RUNTIME_EXIT_CODE = 1
@@ -57,6 +58,30 @@ def report(error: BaseException, debug: bool = False) -> int:
   hint = "" if debug or _is_expected(error) else f" (rerun with {DEBUG_FLAG} for the traceback)"
   print(f"error: {one_line(error)}{hint}", file=sys.stderr, flush=True)
   return exit_code_for(error)
+
+
+def fail_usage(message: str) -> None:
+  """A usage error found before `run_command` runs (flag parsing): one line, exit 2."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(USAGE_EXIT_CODE)
+
+
+def absl_flags_parser(flag_values: Any) -> Callable[[list[str]], list[str]]:
+  """A `flags_parser` for `absl.app.run` with one-line errors for bad flags and --config.x.
+
+  absl and ml_collections raise on an unknown flag, a --config.x path that is not in the config
+  or a value of the wrong type; the user gets the one line, not a traceback.
+  """
+  def parse(argv: list[str]) -> list[str]:
+    try:
+      return flag_values(argv)
+    except (AttributeError, KeyError) as e:  # ml_collections: a --config.x that is not there
+      overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
+      fail_usage(f"unknown config field {str(e).strip(chr(34))} in: {overrides}")
+    except Exception as e:  # pylint: disable=broad-except  # absl's flags.Error, bad values
+      fail_usage(" ".join(str(e).split()) or type(e).__name__)
+    return []
+  return parse
 
 
 class ArgumentParser(argparse.ArgumentParser):

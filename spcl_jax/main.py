@@ -34,30 +34,12 @@ flags.DEFINE_list("allow_config_change", [],
                   "they decide what is trained; recorded in WORKDIR/history.jsonl.")
 flags.DEFINE_bool("debug", False, "Print the full traceback of an error.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(cli_errors.USAGE_EXIT_CODE)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser, with one-line errors instead of tracebacks for bad --config overrides."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    _fail(str(e))
-  except (AttributeError, KeyError) as e:  # ml_collections: a --config.x path that is not there
-    overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
-    _fail(f"unknown config field {str(e).strip(chr(34))} in: {overrides}")
-  except (TypeError, ValueError) as e:
-    _fail(f"bad command line: {e}")
-  return []
+parse_flags = cli_errors.absl_flags_parser(FLAGS)
 
 
 def main(argv):
   if len(argv) > 1:
-    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli_errors.fail_usage(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   # orbax and grain log every file operation at INFO through absl: keep warnings only.
   absl_logging.set_verbosity(absl_logging.WARNING)

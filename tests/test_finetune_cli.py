@@ -49,3 +49,19 @@ def test_shipped_finetune_configs_validate_with_the_recipe(task):
   assert module.get_config("512").model.image_size == 512
   with pytest.raises(ValueError, match="preset"):
     module.get_config("384")
+
+
+def test_command_line_errors_are_one_line_with_the_usage_exit_code(tmp_path):
+  import pathlib
+  import subprocess
+  import sys
+  root = pathlib.Path(__file__).resolve().parents[1]
+  result = subprocess.run(
+      [sys.executable, "-m", "spcl_jax.finetune", "--config=configs/finetune/rsna.py",
+       f"--workdir={tmp_path / 'f'}", "--config.label_fraction=5"],
+      cwd=root, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr[-2000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "config.label_fraction=5" in errors[0], result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "f").exists()

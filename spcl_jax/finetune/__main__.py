@@ -14,32 +14,17 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from spcl_jax import cli_errors
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "configs/finetune/{nih14,chexpert,rsna}.py",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results.json go.")
 flags.DEFINE_integer("seeds", 1, "Seeds to run (config.seed, config.seed + 1, ...).")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-process).")
+flags.DEFINE_bool("debug", False, "Print the full traceback of an error.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser, with one-line errors for a bad --config override (as spcl_jax.main)."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    _fail(str(e))
-  except (AttributeError, KeyError) as e:  # ml_collections: a --config.x path that is not there
-    overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
-    _fail(f"unknown config field {str(e).strip(chr(34))} in: {overrides}")
-  except (TypeError, ValueError) as e:
-    _fail(f"bad command line: {e}")
-  return []
+parse_flags = cli_errors.absl_flags_parser(FLAGS)
 
 
 def run_seeds(config, workdir: str, num_seeds: int) -> dict:
@@ -72,27 +57,25 @@ def run_seeds(config, workdir: str, num_seeds: int) -> dict:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli_errors.fail_usage(f"unexpected arguments: {' '.join(argv[1:])}")
+  if FLAGS.seeds < 1:
+    cli_errors.fail_usage(f"--seeds={FLAGS.seeds} must be >= 1")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   absl_logging.set_verbosity(absl_logging.WARNING)
+  sys.exit(cli_errors.run_command(_finetune, debug=FLAGS.debug))
+
+
+def _finetune() -> int:
   import jax  # pylint: disable=g-import-not-at-top
   if FLAGS.distributed:
     jax.distributed.initialize()
-  from spcl_jax.configuration import ConfigError  # pylint: disable=g-import-not-at-top
-  from spcl_jax.auc import SingleClassError  # pylint: disable=g-import-not-at-top
-  from spcl_jax.train import NonFiniteLossError  # pylint: disable=g-import-not-at-top
-  if FLAGS.seeds < 1:
-    _fail(f"--seeds={FLAGS.seeds} must be >= 1")
   try:
     config = FLAGS.config
     config.get("model")  # the config file loads lazily: surface a missing/broken file here
   except (OSError, SyntaxError, ImportError, ValueError) as e:
-    _fail(f"--config: {' '.join(str(e).split())}")
-  try:
-    run_seeds(config, FLAGS.workdir, FLAGS.seeds)
-  except (ConfigError, NonFiniteLossError, SingleClassError, FileNotFoundError,
-          ValueError) as e:
-    _fail(str(e))
+    raise cli_errors.UsageError(f"--config: {' '.join(str(e).split())}") from e
+  run_seeds(config, FLAGS.workdir, FLAGS.seeds)
+  return 0
 
 
 if __name__ == "__main__":
