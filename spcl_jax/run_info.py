@@ -27,7 +27,7 @@ import ml_collections
 import spcl_jax
 from spcl_jax.checkpoint import LAYOUT_VERSION
 from spcl_jax.configuration import ConfigError
-from spcl_jax.models.vit import variant_dims
+from spcl_jax.models.vit import current_variant_name, variant_dims
 
 FILENAME = "config.json"
 HISTORY_FILENAME = "history.jsonl"
@@ -101,6 +101,14 @@ def read_run_info(workdir: str | pathlib.Path) -> dict[str, Any]:
   if info.get("layout_version") != LAYOUT_VERSION:
     raise ValueError(f"{str(path)!r}: layout_version {info.get('layout_version')} is not "
                      f"{LAYOUT_VERSION}, the one this code reads")
+  return _with_current_variant_names(info)
+
+
+def _with_current_variant_names(info: dict[str, Any]) -> dict[str, Any]:
+  """A workdir written before a variant was renamed reads as if written under the new name."""
+  for model in (info.get("model"), info.get("config", {}).get("model")):
+    if isinstance(model, dict) and isinstance(model.get("variant"), str):
+      model["variant"] = current_variant_name(model["variant"])
   return info
 
 
@@ -143,7 +151,7 @@ def _previous_config(workdir: pathlib.Path) -> dict[str, Any] | None:
   """The config of the last start (history), else the original (config.json), else None."""
   history = read_history(workdir)
   if history:
-    return history[-1]["config"]
+    return _with_current_variant_names({"config": history[-1]["config"]})["config"]
   if (workdir / FILENAME).is_file():
     return read_run_info(workdir)["config"]
   return None

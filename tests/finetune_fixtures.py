@@ -101,11 +101,11 @@ PREPARED = {"nih14": prepared_nih, "chexpert": prepared_chexpert, "rsna": prepar
 
 
 def finetune_config(task: str, prepared: pathlib.Path, **overrides):
-  """configs/finetune/<task>.py shrunk to a test: mu/16 at 32 px, 2 epochs of batch 8."""
+  """configs/finetune/<task>.py shrunk to a test: pico/16 at 32 px, 2 epochs of batch 8."""
   import importlib
   config = importlib.import_module(f"spcl_jax.configs.finetune.{task}").get_config()
   config.data.prepared = str(prepared)
-  config.model.variant = "mu/16"
+  config.model.variant = "pico/16"
   config.model.image_size = SIZE
   config.model.dtype = "float32"
   config.batch_size = 8

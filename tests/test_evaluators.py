@@ -203,7 +203,7 @@ def test_a_misspelt_field_is_named():
 
 
 def test_evaluate_command_on_a_workdir(tmp_path):
-  workdir, _ = make_workdir(tmp_path / "run", "mu/16", 64)
+  workdir, _ = make_workdir(tmp_path / "run", "pico/16", 64)
   code = evaluate.main(["--workdir", str(workdir), "--config.evals.p.type=linear_probe",
                         "--config.evals.p.pooling=mean_patch", "--only", "p"])
   assert code == 0

@@ -18,7 +18,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  path, params = make_workdir(tmp_path_factory.mktemp("cli") / "workdir", "mu/16", 64, step=7)
+  path, params = make_workdir(tmp_path_factory.mktemp("cli") / "workdir", "pico/16", 64, step=7)
   return path, params
 
 
@@ -62,7 +62,7 @@ def test_workdir_without_config_json_is_named(tmp_path, capsys):
 
 
 def test_workdir_without_checkpoints_is_named(tmp_path, capsys):
-  write_run_info(tmp_path, make_config("mu/16", 64))
+  write_run_info(tmp_path, make_config("pico/16", 64))
   code, _, err = run_cli(capsys, "--workdir", tmp_path, "--format", "npz",
                          "--out", tmp_path / "x.npz")
   assert code == 1 and "no checkpoints" in err and "checkpoints" in err
@@ -111,3 +111,27 @@ def test_checkpoint_that_does_not_fit_config_json_is_named(workdir, tmp_path, ca
   (other / "checkpoints").symlink_to(path / "checkpoints")
   code, _, err = run_cli(capsys, "--workdir", other, "--format", "npz", "--out", tmp_path / "x.npz")
   assert code == 1 and "expects" in err and "encoder_norm" in err
+
+
+def test_a_workdir_written_under_the_old_variant_name_still_exports(workdir, tmp_path, capsys):
+  # 'pico' was called 'mu' before (big_vision's mu is another model): old workdirs still load.
+  import shutil
+  old = tmp_path / "old"
+  shutil.copytree(workdir[0], old)
+  info = json.loads((old / "config.json").read_text())
+  info["model"]["variant"] = info["config"]["model"]["variant"] = "mu/16"
+  (old / "config.json").write_text(json.dumps(info))
+  code, _, err = run_cli(capsys, "--workdir", old, "--format", "npz", "--out", tmp_path / "o.npz")
+  assert code == 0, err
+  np.testing.assert_array_equal(read_npz(tmp_path / "o.npz")["cls"],
+                                read_npz_reference(workdir, tmp_path, capsys)["cls"])
+  from spcl_jax.models.vit import variant_dims
+  with pytest.raises(ValueError, match="'mu' is now 'pico'.*use 'pico/16'"):
+    variant_dims("mu/16")
+
+
+def read_npz_reference(workdir, tmp_path, capsys):
+  code, _, err = run_cli(capsys, "--workdir", workdir[0], "--format", "npz", "--out",
+                         tmp_path / "ref.npz")
+  assert code == 0, err
+  return read_npz(tmp_path / "ref.npz")

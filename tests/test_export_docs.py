@@ -13,7 +13,7 @@ DOC = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_readme_snippet_rebuilds_the_model(tmp_path, monkeypatch):
-  workdir, params = make_workdir(tmp_path / "workdir", "mu/16", 64)
+  workdir, params = make_workdir(tmp_path / "workdir", "pico/16", 64)
   text = DOC.read_text()
   command = re.search(r"```bash\n(python -m spcl_jax\.export [^\n]*--format timm[^\n]*)\n",
                       text).group(1)
@@ -24,9 +24,9 @@ def test_readme_snippet_rebuilds_the_model(tmp_path, monkeypatch):
   namespace = {}
   exec(snippet, namespace)  # pylint: disable=exec-used
   model = namespace["model"].eval()
-  config = make_config("mu/16", 64)
+  config = make_config("pico/16", 64)
   _, images = sample_images(64, 2)
   with torch.no_grad():
     features = model(torch_input(images, 1, config.data.mean, config.data.std)).numpy()
-  reference = jax_cls_features("mu/16", 64, params, images)
+  reference = jax_cls_features("pico/16", 64, params, images)
   assert max_abs_diff(features, reference) <= TOLERANCE

@@ -9,7 +9,7 @@ from spcl_jax.export import export_checkpoint, npz_format
 from spcl_jax.export.importing import import_encoder
 from spcl_jax.models.vit import sincos_2d_posemb
 
-VARIANT, IMAGE_SIZE = "mu/16", 64
+VARIANT, IMAGE_SIZE = "pico/16", 64
 
 
 def _flat(tree, prefix=""):

@@ -10,7 +10,7 @@ from spcl_jax.models.vit import sincos_2d_posemb
 
 @pytest.fixture(scope="module")
 def mu_params():
-  return random_encoder_params(make_config("mu/16", 64), seed=3)
+  return random_encoder_params(make_config("pico/16", 64), seed=3)
 
 
 def test_spread_over_channels_keeps_the_grayscale_response():

@@ -9,7 +9,7 @@ from export_fixtures import (TOLERANCE, jax_cls_features, make_config, make_work
                              max_abs_diff, sample_images, torch_input)
 from spcl_jax.export import export_checkpoint
 
-VARIANT, IMAGE_SIZE, COUNT = "mu/16", 128, 3
+VARIANT, IMAGE_SIZE, COUNT = "pico/16", 128, 3
 HEAD = {"head.weight", "head.bias"}
 
 

@@ -33,7 +33,7 @@ def test_trainer_checkpoint_exports_to_timm_with_parity(trained_workdir, tmp_pat
   model, state = build_timm(paths)
   model.load_state_dict(state, strict=True)
   _, images = sample_images(64, 4, config.data.resize_filter)
-  ours = jax_cls_features("mu/16", 64, pretrained.params, images)
+  ours = jax_cls_features("pico/16", 64, pretrained.params, images)
   theirs = cls_features(model, torch_input(images, 1, config.data.mean, config.data.std))
   assert max_abs_diff(ours, theirs) <= TOLERANCE
   assert np.abs(ours).max() > 0.1  # real features, not a degenerate all-zero output

@@ -15,7 +15,7 @@ from spcl_jax.data.sources import SAMPLE_DIR
 from spcl_jax.pretrained import load_pretrained
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-VARIANT, IMAGE_SIZE = "mu/16", 64
+VARIANT, IMAGE_SIZE = "pico/16", 64
 SAMPLE_NAMES = sorted(p.name for p in SAMPLE_DIR.glob("*.png"))
 
 

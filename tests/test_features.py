@@ -11,7 +11,7 @@ from spcl_jax.data.normalize import normalize_uint8
 from spcl_jax.data.sources import SAMPLE_DIR, FolderSource
 from spcl_jax.models.vit import build_encoder, encode_images
 
-VARIANT, IMAGE_SIZE, COUNT = "mu/16", 32, 13  # 13 images: not a multiple of 8 devices
+VARIANT, IMAGE_SIZE, COUNT = "pico/16", 32, 13  # 13 images: not a multiple of 8 devices
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from spcl_jax.bench import finetune as bench_finetune
 
 
 def test_bench_finetune_prints_images_per_second(capsys, monkeypatch):
-  args = ["--config=configs/finetune/rsna.py", "--config.model.variant=mu/16",
+  args = ["--config=configs/finetune/rsna.py", "--config.model.variant=pico/16",
           "--config.model.image_size=32", "--config.batch_size=8", "--config.model.dtype=float32",
           "--steps=2", "--warmup_steps=0", "--classes=1"]
   # ml_collections finds the --config.x overrides in sys.argv, as a real command line has them.

@@ -22,7 +22,7 @@ CLASSES = ["a", "b", "c"]
 
 def small_config(pool: str, image_size: int = 64):
   config = nih14.get_config()
-  config.model.variant = "mu/16"
+  config.model.variant = "pico/16"
   config.model.image_size = image_size
   config.model.dtype = "float32"
   config.model.pool = pool
@@ -170,7 +170,7 @@ def test_classifier_with_drop_path_equals_without_at_eval_and_differs_in_trainin
 def test_init_from_a_timm_export_round_trips_into_the_classifier(tmp_path):
   from export_fixtures import make_workdir
   from spcl_jax.finetune.initialization import encoder_for_classifier, load_init
-  workdir, params = make_workdir(tmp_path / "pretrain", "mu/16", 64)
+  workdir, params = make_workdir(tmp_path / "pretrain", "pico/16", 64)
   export_checkpoint(workdir, "timm", tmp_path / "vit.safetensors")
   init = load_init(str(tmp_path / "vit.safetensors"), image_size=32)
   assert (init.kind, init.step) == ("timm", None)

@@ -1,4 +1,4 @@
-"""Fine-tuning end to end on prepared fixtures of ChestX-ray14, CheXpert and RSNA (mu/16, 32 px).
+"""Fine-tuning end to end on prepared fixtures of ChestX-ray14, CheXpert and RSNA (pico/16, 32 px).
 
 A run selects its checkpoint on val, scores test only after training (once with the best-on-val
 parameters, once with the last), writes results.json in the agreed schema, and a run stopped
@@ -99,7 +99,7 @@ def test_nih_run_selects_on_val_scores_test_once_and_writes_results(nih_run):
   assert set(saved["split_hashes"]) == {"train", "val", "test"}
   sums = (ff_prepared_dir(config) / "splits/SHA256SUMS").read_text()
   assert all(f"{digest}  {stem}.txt" in sums for stem, digest in saved["split_hashes"].items())
-  assert saved["config"]["model"]["variant"] == "mu/16"
+  assert saved["config"]["model"]["variant"] == "pico/16"
 
 
 def ff_prepared_dir(config):

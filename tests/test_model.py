@@ -11,7 +11,7 @@ from spcl_jax.models import vit
 
 
 def tiny_model_config(**overrides):
-  cfg = ml_collections.ConfigDict(dict(variant="mu/16", image_size=64, channels=1,
+  cfg = ml_collections.ConfigDict(dict(variant="pico/16", image_size=64, channels=1,
                                        dtype="float32", attention_impl="", remat=False))
   cfg.update(overrides)
   return cfg

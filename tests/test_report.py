@@ -81,7 +81,7 @@ def read_csv(text):
 def runs_root(tmp_path):
   vitb, vitb_config = pretraining_workdir(tmp_path / "pretrain" / "vitb512",
                                           sessions=((8, 3600.0), (4, 1800.0)))
-  small, _ = pretraining_workdir(tmp_path / "pretrain" / "mu64", "mu/16", 64)
+  small, _ = pretraining_workdir(tmp_path / "pretrain" / "mu64", "pico/16", 64)
   ft = tmp_path / "finetune"
   for fraction, base in ((1, 0.78), (10, 0.82), (100, 0.84)):
     write_result(ft / f"nih_{fraction}", "nih14", fraction, vitb, base=base)

@@ -54,7 +54,7 @@ def test_prepare_errors_are_one_line(tmp_path, capsys, name, argv, code, fragmen
 
 def write_workdir(path: pathlib.Path, encoder_params) -> pathlib.Path:
   """config.json and a params-only checkpoint at step 7, bypassing checkpoint.save's check."""
-  run_info.write_run_info(path, make_config("mu/16", 64))
+  run_info.write_run_info(path, make_config("pico/16", 64))
   manager = checkpoint.make_manager(path)
   manager.save(7, args=ocp.args.Composite(params=ocp.args.StandardSave(
       {"encoder": encoder_params, "log_scale": jnp.float32(2.0)})))
@@ -66,12 +66,12 @@ def write_workdir(path: pathlib.Path, encoder_params) -> pathlib.Path:
 @pytest.fixture(scope="module")
 def exportable(tmp_path_factory):
   return write_workdir(tmp_path_factory.mktemp("ok") / "run",
-                       random_encoder_params(make_config("mu/16", 64)))
+                       random_encoder_params(make_config("pico/16", 64)))
 
 
 @pytest.fixture(scope="module")
 def poisoned(tmp_path_factory):
-  params = random_encoder_params(make_config("mu/16", 64))
+  params = random_encoder_params(make_config("pico/16", 64))
   flat = flax.traverse_util.flatten_dict(params, sep="/")
   flat["Transformer/encoder_norm/scale"][3] = np.inf
   return write_workdir(tmp_path_factory.mktemp("nan") / "run",

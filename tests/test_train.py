@@ -20,7 +20,7 @@ class CountingEvaluator:
     self.offset = eval_config.offset
     self.description = f"{name}: counts its calls"
     self.calls = 0
-    assert training.config.model.variant == "mu/16"  # it is handed the run's training setup
+    assert training.config.model.variant == "pico/16"  # it is handed the run's training setup
 
   def images(self):
     return {}
@@ -99,7 +99,7 @@ def test_training_lowers_the_loss_and_writes_everything(finished_run):
   assert checkpoint.available_steps(workdir) == [10, 20, 30]
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
   info = run_info.read_run_info(workdir)
-  assert info["model"]["variant"] == "mu/16" and info["model"]["image_size"] == 64
+  assert info["model"]["variant"] == "pico/16" and info["model"]["image_size"] == 64
   assert info["normalization"] == {"mean": 0.5056, "std": 0.252}
   assert info["config"]["spcl"]["mask_ratio"] == 0.6
   assert (info["config"]["grad_accum_steps"], info["config"]["accumulation"]) == (2, "cached")

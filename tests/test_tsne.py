@@ -38,7 +38,7 @@ def one_openmp_thread():
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  path, _ = make_workdir(tmp_path_factory.mktemp("tsne") / "pretrain", "mu/16", 64)
+  path, _ = make_workdir(tmp_path_factory.mktemp("tsne") / "pretrain", "pico/16", 64)
   return path
 
 

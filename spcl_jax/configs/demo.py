@@ -9,7 +9,7 @@ from spcl_jax.configs import default
 
 def get_config():
   config = default.get_config()
-  config.model.variant = "mu/16"
+  config.model.variant = "pico/16"
   config.model.image_size = 256
   config.model.dtype = "float32"  # XLA:CPU runs bfloat16 matmuls slower than float32
   config.data.source = "sample"

@@ -29,7 +29,7 @@ Dtype = Any
 
 # name: (width D, depth, heads, mlp dim)
 VARIANTS: dict[str, tuple[int, int, int, int]] = {
-    "mu": (64, 2, 2, 256),  # test-sized: fast on CPU, same code paths as the real ones
+    "pico": (64, 2, 2, 256),  # ours, test-sized: fast on CPU, same code paths as the real ones
     "Ti": (192, 12, 3, 768),
     "S": (384, 12, 6, 1536),
     "B": (768, 12, 12, 3072),
@@ -37,9 +37,25 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
 }
 
 
+# Names this project used before, for variants now named otherwise. 'mu' was our 64-wide test
+# model, but big_vision's mu is 32 wide and 1 deep: names shared with big_vision must mean what
+# they mean there. Workdirs written under an old name are read under the new one.
+RENAMED_VARIANTS = {"mu": "pico"}
+
+
+def current_variant_name(variant: str) -> str:
+  """'mu/16' (a workdir's config.json from before the rename) -> 'pico/16'; others unchanged."""
+  name, slash, patch = variant.partition("/")
+  return f"{RENAMED_VARIANTS.get(name, name)}{slash}{patch}"
+
+
 def variant_dims(variant: str) -> dict[str, int]:
   """'B/16' -> width, depth, num_heads, mlp_dim, patch_size."""
   name, _, patch = variant.partition("/")
+  if name in RENAMED_VARIANTS:
+    raise ValueError(f"config.model.variant={variant!r}: {name!r} is now "
+                     f"{RENAMED_VARIANTS[name]!r} (same shape; big_vision's {name!r} is another "
+                     f"model): use '{current_variant_name(variant)}'")
   if name not in VARIANTS or not patch.isdigit():
     raise ValueError(f"config.model.variant={variant!r}: expected NAME/PATCH with NAME in "
                      f"{', '.join(VARIANTS)} (e.g. 'B/16')")
