@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.accumulation = "cached"   # 'cached': exact, every negative; 'plain': per micro-batch
 
   config.model = ml_collections.ConfigDict()
-  config.model.variant = "B/16"    # mu, Ti, S, B, L / patch size
+  config.model.variant = "B/16"    # pico (ours, tests), Ti, S, B, L / patch size
   config.model.image_size = 512
   config.model.channels = 1
   config.model.dtype = "bfloat16"  # computation dtype; parameters are always float32

@@ -57,7 +57,7 @@ def _is_square(n: int) -> bool:
 
 
 def _heads_for_width(width: int, path: pathlib.Path) -> int:
-  """The head count of the standard variant of this width (mu, Ti, S, B, L: head dim 64)."""
+  """The head count of the standard variant of this width (one of VARIANTS)."""
   for w, _, heads, _ in VARIANTS.values():
     if w == width:
       return heads
