@@ -282,3 +282,35 @@ def test_stopped_segmentation_run_resumes_with_the_same_losses(mgca_run, tmp_pat
   assert losses(tmp_path) == losses(reference_dir)
   for key in ("val_best", "test_at_best_val", "test_at_last_epoch"):
     assert resumed[key] == reference[key]
+
+
+def test_seed_aggregate_of_segmentation_results_is_mean_and_std_per_dice():
+  from spcl_jax.finetune import results
+  def entry(base):
+    return {"epoch": 2, "step": 6, "dice_per_image": base, "dice_positive": base / 2,
+            "dice_global": base / 4, "num_images": 5,
+            "trivial": {"dice_per_image": 0.6, "dice_positive": 0.0, "dice_global": 0.0}}
+  runs = [{"metric": "dice_positive", "seeds": [s], "accelerator_seconds": 1.0,
+           **{k: entry(b) for k in ("val_best", "test_at_best_val", "test_at_last_epoch")}}
+          for s, b in ((0, 0.2), (1, 0.4))]
+  out = results.aggregate(runs, ["seed_0/results.json", "seed_1/results.json"])
+  t = out["test_at_best_val"]
+  assert t["dice_positive"] == pytest.approx(0.15)
+  assert t["dice_positive_std"] == pytest.approx(np.std([0.1, 0.2], ddof=1))
+  assert t["trivial"] == {"dice_per_image": 0.6, "dice_positive": 0.0, "dice_global": 0.0}
+  assert out["seeds"] == [0, 1]
+
+
+def test_config_presets_and_their_errors():
+  from spcl_jax.configuration import ConfigError
+  from spcl_jax.finetune.configuration import validate_finetune_config
+  assert siim_config.get_config().protocol == "mgca"
+  uper = siim_config.get_config("upernet512")
+  assert uper.model.image_size == 512 and not uper.optim.freeze_encoder
+  assert not uper.data.balance_train and uper.model.pyramid_blocks == (3, 5, 7, 11)
+  with pytest.raises(ValueError, match="siim's presets"):
+    siim_config.get_config("512")
+  validate_finetune_config(uper)
+  uper.protocol = "classification"
+  with pytest.raises(ConfigError, match="config.protocol='classification'"):
+    validate_finetune_config(uper)
