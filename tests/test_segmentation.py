@@ -151,11 +151,14 @@ def test_encoder_returns_the_configured_blocks_outputs():
   images = jax.random.normal(jax.random.key(1), (2, 32, 32, 1))
   patches = patchify(images, 16)
   positions = jnp.broadcast_to(jnp.arange(4), (2, 4))
-  params = jax.jit(lambda k: plain.init(k, patches, positions))(jax.random.key(0))
-  last, state = jax.jit(lambda p: plain.apply(p, patches, positions,
-                                              capture_intermediates=True))(params)
+
+  @jax.jit
+  def both(key):  # one compilation for the three calls
+    params = plain.init(key, patches, positions)
+    last, state = plain.apply(params, patches, positions, capture_intermediates=True)
+    return last, state, picked.apply(params, patches, positions)
+  last, state, outs = both(jax.random.key(0))
   block0 = state["intermediates"]["Transformer"]["encoderblock_0"]["__call__"][0]
-  outs = jax.jit(lambda p: picked.apply(p, patches, positions))(params)
   np.testing.assert_allclose(outs[0], last, rtol=1e-6)
   np.testing.assert_allclose(outs[1], block0, rtol=1e-6)
   np.testing.assert_allclose(outs[2], last, rtol=1e-6)
@@ -314,3 +317,13 @@ def test_config_presets_and_their_errors():
   uper.protocol = "classification"
   with pytest.raises(ConfigError, match="config.protocol='classification'"):
     validate_finetune_config(uper)
+
+
+def test_selection_is_on_the_tasks_metric(tmp_path):
+  selection = trainer.Selection(tmp_path / "selection.json", "dice_positive")
+  selection.history = {1: {"dice_positive": 0.2, "dice_per_image": 0.9},
+                       2: {"dice_positive": 0.5, "dice_per_image": 0.1},
+                       3: {"dice_positive": 0.5, "dice_per_image": 0.3}}
+  assert selection.best_epoch == 2  # the first of equal ones
+  selection.save()
+  assert trainer.Selection(tmp_path / "selection.json", "dice_positive").best_epoch == 2
