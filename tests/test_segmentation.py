@@ -317,6 +317,9 @@ def test_config_presets_and_their_errors():
   uper.protocol = "classification"
   with pytest.raises(ConfigError, match="config.protocol='classification'"):
     validate_finetune_config(uper)
+  uper.protocol = "upernet512"
+  with pytest.raises(ConfigError, match="segmentation runs on one process"):
+    validate_finetune_config(uper, process_count=2)
 
 
 def test_selection_is_on_the_tasks_metric(tmp_path):
@@ -327,3 +330,9 @@ def test_selection_is_on_the_tasks_metric(tmp_path):
   assert selection.best_epoch == 2  # the first of equal ones
   selection.save()
   assert trainer.Selection(tmp_path / "selection.json", "dice_positive").best_epoch == 2
+
+
+def test_a_split_without_positives_is_an_error_naming_it():
+  counts = np.array([[0, 0, 0], [0, 0, 3]])
+  with pytest.raises(ValueError, match="the val split has no image with a pneumothorax"):
+    tasks.Segmentation("mgca").score(None, counts, ["Pneumothorax"], "the val split")

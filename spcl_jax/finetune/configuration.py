@@ -33,6 +33,9 @@ def validate_finetune_config(config: ml_collections.ConfigDict, *, num_batch_sha
            f"config.protocol={config.get('protocol')!r} must be one of {protocols} for "
            f"config.task={config.task!r}")
   if segmentation:
+    # Scoring compares the replicated predictions with this process's block of masks only.
+    _require(process_count == 1, f"config.task='siim': segmentation runs on one process, not "
+             f"{process_count} (its Dice reads this process's masks only)")
     _require(config.split_scheme != "official",
              "config.split_scheme='official': SIIM has no official labelled test set; use 'paper'")
     for field in ("bce_weight", "dice_weight"):

@@ -109,12 +109,12 @@ class Segmentation:
     return dice.image_counts(batch["mask"], dice.binarize(outputs))
 
   def score(self, source, outputs: np.ndarray, classes, where: str) -> dict[str, Any]:
-    del classes
+    """Dice scores of per-image counts; the masks came with the batches, not from `source`."""
+    del source, classes
     scored = dice.dice_scores(outputs)
     if np.isnan(scored["dice_positive"]):
       raise ValueError(f"{where} has no image with a pneumothorax: dice_positive (the "
                        "selection metric) is undefined; use a larger split")
-    del source
     return {**scored, "trivial": dice.trivial_scores(outputs)}
 
   def test_entry(self, epoch: int, step: int, source, outputs: np.ndarray, classes,
