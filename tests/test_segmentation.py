@@ -307,7 +307,10 @@ def test_seed_aggregate_of_segmentation_results_is_mean_and_std_per_dice():
 def test_config_presets_and_their_errors():
   from spcl_jax.configuration import ConfigError
   from spcl_jax.finetune.configuration import validate_finetune_config
-  assert siim_config.get_config().protocol == "mgca"
+  mgca = siim_config.get_config()
+  assert mgca.protocol == "mgca" and mgca.model.image_size == 224
+  assert mgca.optim.freeze_encoder and mgca.data.balance_train and not mgca.data.randaugment
+  assert mgca.data.eval_crop_fraction == 1.0  # every mask pixel is scored
   uper = siim_config.get_config("upernet512")
   assert uper.model.image_size == 512 and not uper.optim.freeze_encoder
   assert not uper.data.balance_train and uper.model.pyramid_blocks == (3, 5, 7, 11)
@@ -336,3 +339,15 @@ def test_a_split_without_positives_is_an_error_naming_it():
   counts = np.array([[0, 0, 0], [0, 0, 3]])
   with pytest.raises(ValueError, match="the val split has no image with a pneumothorax"):
     tasks.Segmentation("mgca").score(None, counts, ["Pneumothorax"], "the val split")
+
+
+def test_mgca_trains_the_decoder_on_a_frozen_encoder(mgca_run):
+  _, workdir, _ = mgca_run
+  assert checkpoint.available_steps(workdir) == [3, 6]
+  first, _ = checkpoint.restore_params(workdir, 3)
+  last, _ = checkpoint.restore_params(workdir, 6)
+  for a, b in zip(jax.tree.leaves(first["encoder"]), jax.tree.leaves(last["encoder"])):
+    np.testing.assert_array_equal(a, b)
+  moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first["decoder"]),
+                                                    jax.tree.leaves(last["decoder"]))]
+  assert all(moved)
