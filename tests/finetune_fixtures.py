@@ -1,10 +1,11 @@
-"""Prepared folders of ChestX-ray14, CheXpert and RSNA for the fine-tuning tests.
+"""Prepared folders of ChestX-ray14, CheXpert, RSNA and SIIM for the fine-tuning tests.
 
 Raw downloads are written with `data_fixtures` in each dataset's official format and prepared
 with the real `prepare` CLI (32 x 32). Labels are chosen per split, knowing which split each
 patient lands in (`splits.assign_patients`, what prepare uses), so that every class has both
 label values on val and test: the AUC of each class is defined there, as a real run needs.
 Images carry their first label as a brightness offset, so there is something to learn.
+SIIM (64 x 64, segmentation): a positive image has a bright rectangle exactly where its mask is.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ def _image(seed: int, first_label: int) -> np.ndarray:
   return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def _run_prepare(dataset: str, raw: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
-  code = prepare.main([dataset, "--src", str(raw), "--out", str(out), "--image-size", str(SIZE),
+def _run_prepare(dataset: str, raw: pathlib.Path, out: pathlib.Path, size: int = SIZE
+                 ) -> pathlib.Path:
+  code = prepare.main([dataset, "--src", str(raw), "--out", str(out), "--image-size", str(size),
                        "--workers", "1"])
   assert code == 0, f"prepare {dataset} failed"
   return out
@@ -97,16 +99,61 @@ def prepared_rsna(root: pathlib.Path) -> pathlib.Path:
   return _run_prepare("rsna_pneumonia", root / "raw", root / "prepared")
 
 
+SIIM_SIZE = 64
+
+
+def siim_mask(index: int) -> np.ndarray:
+  """A 64 x 64 rectangle whose place and size vary with `index` (4% to 12% of the image)."""
+  mask = np.zeros((SIIM_SIZE, SIIM_SIZE), np.uint8)
+  top, left = 8 + (index * 7) % 32, 6 + (index * 11) % 30
+  mask[top:top + 12 + index % 8, left:left + 14 + index % 6] = 1
+  return mask
+
+
+def prepared_siim(root: pathlib.Path) -> pathlib.Path:
+  """SIIM's stage-1 layout (train-rle.csv + DICOMs), every split with positives and negatives."""
+  from spcl_jax.data import rle
+  ids = [f"1.2.276.0.7230010.3.1.4.8323329.{1000 + i}.1517875166.{i}"
+         for i in range(NUM_PATIENTS)]
+  # No patient ids in SIIM: an image is its own patient. Within each split, every third image
+  # is positive (train 12 of 35, val 4 of 10, test 2 of 5): negatives outnumber positives, as
+  # in SIIM (~78% empty), so balancing the training set has something to drop.
+  assignment = splits.assign_patients(ids)
+  position = {name: 0 for name in splits.SPLIT_NAMES}
+  positive = {}
+  for image_id in sorted(ids):
+    positive[image_id] = position[assignment[image_id]] % 3 == 0
+    position[assignment[image_id]] += 1
+  rows = []
+  for i, image_id in enumerate(ids):
+    image = fx.gradient(SIIM_SIZE, SIIM_SIZE, i).astype(np.float64) * 0.5
+    if positive[image_id]:
+      mask = siim_mask(i)
+      rows.append(f"{image_id}, {rle.rle_encode(mask)}")
+      image = np.where(mask > 0, 230.0, image)
+    else:
+      rows.append(f"{image_id}, -1")
+    path = root / "raw/dicom-images-train" / f"1.2.{i}" / f"1.3.{i}" / f"{image_id}.dcm"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(fx.dicom_bytes(image.astype(np.uint16) << 4))  # 12-bit stored values
+  fx.write_csv(root / "raw/train-rle.csv", "ImageId, EncodedPixels", rows)
+  return _run_prepare("siim_acr", root / "raw", root / "prepared", SIIM_SIZE)
+
+
 PREPARED = {"nih14": prepared_nih, "chexpert": prepared_chexpert, "rsna": prepared_rsna}
 
 
-def finetune_config(task: str, prepared: pathlib.Path, **overrides):
-  """configs/finetune/<task>.py shrunk to a test: pico/16 at 32 px, 2 epochs of batch 8."""
+def finetune_config(task: str, prepared: pathlib.Path, preset: str | None = None, **overrides):
+  """configs/finetune/<task>.py[:preset] shrunk to a test: pico/16 at 32 px (SIIM: 64), 2 epochs
+  of batch 8; SIIM's decoders at 32 channels, the pyramid on blocks 0, 0, 1, 1 of pico's two."""
   import importlib
-  config = importlib.import_module(f"spcl_jax.configs.finetune.{task}").get_config()
+  config = importlib.import_module(f"spcl_jax.configs.finetune.{task}").get_config(preset)
   config.data.prepared = str(prepared)
   config.model.variant = "pico/16"
-  config.model.image_size = SIZE
+  config.model.image_size = SIIM_SIZE if task == "siim" else SIZE
+  if task == "siim":
+    config.model.decoder_channels = 32
+    config.model.pyramid_blocks = (0, 0, 1, 1)
   config.model.dtype = "float32"
   config.batch_size = 8
   config.epochs = 2

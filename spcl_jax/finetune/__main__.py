@@ -17,7 +17,7 @@ from ml_collections import config_flags
 from spcl_jax import cli_errors
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "configs/finetune/{nih14,chexpert,rsna}.py",
+config_flags.DEFINE_config_file("config", None, "configs/finetune/{nih14,chexpert,rsna,siim}.py[:preset]",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results.json go.")
 flags.DEFINE_integer("seeds", 1, "Seeds to run (config.seed, config.seed + 1, ...).")
@@ -50,7 +50,8 @@ def run_seeds(config, workdir: str, num_seeds: int) -> dict:
   if jax.process_index() == 0:
     results.write_json(root / trainer.RESULTS_FILE, summary)
     t = summary["test_at_best_val"]
-    print(f"{num_seeds} seeds: test macro AUC {t['macro_auc']:.4f} +- {t['macro_auc_std']:.4f}"
+    metric = summary["metric"]
+    print(f"{num_seeds} seeds: test {metric} {t[metric]:.4f} +- {t[metric + '_std']:.4f}"
           f"; wrote {root / trainer.RESULTS_FILE}", flush=True)
   return summary
 

@@ -11,7 +11,9 @@ from spcl_jax.finetune.model import POOLS
 from spcl_jax.models.vit import variant_dims
 
 # config.task -> the prepared dataset it reads.
-TASK_DATASETS = {"nih14": "nih_chestxray14", "chexpert": "chexpert", "rsna": "rsna_pneumonia"}
+TASK_DATASETS = {"nih14": "nih_chestxray14", "chexpert": "chexpert", "rsna": "rsna_pneumonia",
+                 "siim": "siim_acr"}
+SEGMENTATION_PROTOCOLS = ("mgca", "upernet512")
 LABEL_FRACTIONS = (1, 10, 100)
 CHEXPERT_POLICIES = ("medical_mae", "ones", "zeros")
 
@@ -25,6 +27,21 @@ def validate_finetune_config(config: ml_collections.ConfigDict, *, num_batch_sha
                              process_count: int = 1) -> None:
   _require(config.task in TASK_DATASETS,
            f"config.task={config.task!r} must be one of {tuple(TASK_DATASETS)}")
+  segmentation = config.task == "siim"
+  protocols = SEGMENTATION_PROTOCOLS if segmentation else ("classification",)
+  _require(config.get("protocol", "classification") in protocols,
+           f"config.protocol={config.get('protocol')!r} must be one of {protocols} for "
+           f"config.task={config.task!r}")
+  if segmentation:
+    # Scoring compares the replicated predictions with this process's block of masks only.
+    _require(process_count == 1, f"config.task='siim': segmentation runs on one process, not "
+             f"{process_count} (its Dice reads this process's masks only)")
+    _require(config.split_scheme != "official",
+             "config.split_scheme='official': SIIM has no official labelled test set; use 'paper'")
+    for field in ("bce_weight", "dice_weight"):
+      _require(config.loss[field] >= 0, f"config.loss.{field}={config.loss[field]!r} must be >= 0")
+    _require(config.loss.bce_weight + config.loss.dice_weight > 0,
+             "config.loss.bce_weight + config.loss.dice_weight must be > 0")
   _require(config.label_fraction in LABEL_FRACTIONS,
            f"config.label_fraction={config.label_fraction!r} must be one of {LABEL_FRACTIONS}")
   _require(config.split_scheme in SPLIT_SCHEMES,

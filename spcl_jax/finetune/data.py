@@ -6,6 +6,11 @@
   eval   every image of the split exactly once, in record order, padded with copies of the last
          image up to whole global batches; "valid" marks the real ones, whose logits are kept.
 
+Segmentation (SIIM): records carry a "mask" (stored S x S, 0/1); it goes through the same crop,
+resize and flip as its image (`augment`, nearest-neighbour) and batches as uint8 (b, S, S).
+`config.data.balance_train` keeps every positive training image and as many negatives, drawn
+once with the run's seed (MGCA's balanced training set); val and test are never balanced.
+
 Like pre-training, the train order and every augmentation draw are a pure function of
 (seed, stream position), so the iterator state in a checkpoint resumes the exact stream.
 """
@@ -48,9 +53,30 @@ def split_sources(config: ml_collections.ConfigDict) -> dict[str, LabelledSource
   else:
     common["scheme"] = scheme
   out_dir = config.data.prepared
-  return {"train": LabelledSource(out_dir, "train", str(config.label_fraction), **common),
+  train = LabelledSource(out_dir, "train", str(config.label_fraction), **common)
+  if config.data.get("balance_train", False):
+    train = balanced(train, config.seed)
+  return {"train": train,
           "val": LabelledSource(out_dir, "val", "100", **common),
           "test": LabelledSource(out_dir, "test", "100", **common)}
+
+
+def balanced(source: LabelledSource, seed: int) -> LabelledSource:
+  """Every positive image (any label 1) and an equal number of negatives, seeded, in order.
+
+  Narrows `source` in place of a copy: it is a LabelledSource still (split info, targets).
+  """
+  positive = np.flatnonzero(source.targets.max(axis=1) > 0)
+  negative = np.flatnonzero(source.targets.max(axis=1) == 0)
+  if len(positive) == 0:
+    raise ValueError(f"config.data.balance_train: the train split ({len(source)} images at "
+                     "this label fraction) has no positive image")
+  rng = np.random.default_rng(seed)
+  keep_negative = rng.choice(negative, min(len(negative), len(positive)), replace=False)
+  keep = np.sort(np.concatenate([positive, keep_negative]))
+  source.indices = source.indices[keep]
+  source.targets = source.targets[keep]
+  return source
 
 
 def split_hashes(sources: dict[str, LabelledSource]) -> dict[str, str]:
@@ -81,13 +107,14 @@ class TrainTransform(grain.transforms.RandomMap):
     self.resize_filter = config.data.resize_filter
     self.augment = TrainAugment(
         config.model.image_size, scale=tuple(config.data.crop_scale), hflip=config.data.hflip,
-        randaugment_magnitude=config.data.randaugment_magnitude,
+        randaugment_magnitude=(config.data.randaugment_magnitude
+                               if config.data.get("randaugment", True) else None),
         magnitude_std=config.data.randaugment_magnitude_std)
 
   def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     image = decode_image(record, self.stored_size, self.resize_filter)
-    image, _ = self.augment(image, rng)
-    return {"image": image, "label": np.asarray(record["label"], np.float32)}
+    image, mask = self.augment(image, rng, record.get("mask"))
+    return _example(record, image, mask)
 
 
 class EvalTransform(grain.transforms.Map):
@@ -101,9 +128,16 @@ class EvalTransform(grain.transforms.Map):
 
   def map(self, record: dict[str, Any]) -> dict[str, Any]:
     image = decode_image(record, self.stored_size, self.resize_filter)
-    image, _ = self.transform(image)
-    return {"image": image, "label": np.asarray(record["label"], np.float32),
-            "valid": np.bool_(record["valid"])}
+    image, mask = self.transform(image, record.get("mask"))
+    return {**_example(record, image, mask), "valid": np.bool_(record["valid"])}
+
+
+def _example(record: dict[str, Any], image: np.ndarray, mask: np.ndarray | None
+             ) -> dict[str, Any]:
+  example = {"image": image, "label": np.asarray(record["label"], np.float32)}
+  if mask is not None:
+    example["mask"] = mask
+  return example
 
 
 class PaddedSource:
@@ -147,9 +181,11 @@ def eval_dataset(config: ml_collections.ConfigDict, source: LabelledSource, *,
 
 
 def as_batch(batch: dict[str, Any]) -> dict[str, np.ndarray]:
-  """Checks the dtypes the step expects: uint8 images, float32 labels."""
+  """Checks the dtypes the step expects: uint8 images (and masks), float32 labels."""
   images = pipeline.as_numpy_batch(batch["image"])
   out = {"image": images, "label": np.asarray(batch["label"], np.float32)}
+  if "mask" in batch:
+    out["mask"] = pipeline.as_numpy_batch(batch["mask"])
   if "valid" in batch:
     out["valid"] = np.asarray(batch["valid"], bool)
   return out

@@ -10,6 +10,8 @@ Medical MAE (`util/lr_decay.py`, BEiT's rule; `util/lr_sched.py`; `main_finetune
     in timm's: the rule is therefore "decay kernels only", which is the same set.
   - the multiplier scales the whole AdamW update, weight decay included (torch param groups
     carry lr * lr_scale for both).
+  - config.optim.freeze_encoder: every encoder multiplier is 0 (segmentation's mgca protocol
+    trains the decoder on a frozen encoder); decoder parameters are "after the blocks" (1.0).
   - lr: linear warmup from 0 over the warmup epochs, then half a cosine down to min_lr, per
     step (Medical MAE adjusts it every iteration).
 """
@@ -39,10 +41,14 @@ def _path_names(path) -> tuple[str, ...]:
   return tuple(getattr(k, "key", str(k)) for k in path)
 
 
-def lr_multipliers(params: Any, depth: int, decay: float) -> Any:
-  """A tree like `params` of decay ** (depth + 1 - layer_id)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: float(decay ** (depth + 1 - layer_id(_path_names(path), depth))), params)
+def lr_multipliers(params: Any, depth: int, decay: float, freeze_encoder: bool = False) -> Any:
+  """A tree like `params` of decay ** (depth + 1 - layer_id); 0 on the encoder if frozen."""
+  def multiplier(path) -> float:
+    names = _path_names(path)
+    if freeze_encoder and names[0] == "encoder":
+      return 0.0
+    return float(decay ** (depth + 1 - layer_id(names, depth)))
+  return jax.tree_util.tree_map_with_path(lambda path, _: multiplier(path), params)
 
 
 def weight_decay_mask(params: Any) -> Any:
@@ -77,5 +83,6 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, depth: int,
       learning_rate=learning_rate_schedule(config, steps_per_epoch), b1=config.optim.b1,
       b2=config.optim.b2, eps=config.optim.eps, weight_decay=config.optim.weight_decay,
       mask=weight_decay_mask)
-  multipliers = lr_multipliers(params, depth, float(config.optim.layer_decay))
+  multipliers = lr_multipliers(params, depth, float(config.optim.layer_decay),
+                               bool(config.optim.get("freeze_encoder", False)))
   return optax.chain(adamw, _scale_by_tree(multipliers))

@@ -91,12 +91,25 @@ def write_json(path: pathlib.Path, data: dict[str, Any]) -> None:
   tmp.replace(path)
 
 
+def _std(values: list[float]) -> float:
+  return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def _mean_entry(entries: list[dict[str, Any]]) -> dict[str, Any]:
-  """Mean of each number over seeds; std beside macro_auc and per class."""
+  """Mean of each number over seeds; std beside macro_auc and per class (segmentation: beside
+  each Dice; the trivial baseline's mean only, it does not depend on the seed)."""
   out: dict[str, Any] = {}
   for key in ("epoch", "step", "num_images"):
     if key in entries[0]:
       out[key] = float(np.mean([e[key] for e in entries]))
+  if "macro_auc" not in entries[0]:  # segmentation
+    for key in ("dice_per_image", "dice_positive", "dice_global"):
+      values = [e[key] for e in entries]
+      out[key], out[f"{key}_std"] = float(np.mean(values)), _std(values)
+    if "trivial" in entries[0]:
+      out["trivial"] = {k: float(np.mean([e["trivial"][k] for e in entries]))
+                        for k in entries[0]["trivial"]}
+    return out
   macro = [e["macro_auc"] for e in entries]
   out["macro_auc"] = float(np.mean(macro))
   out["macro_auc_std"] = float(np.std(macro, ddof=1)) if len(macro) > 1 else 0.0

@@ -1,8 +1,9 @@
 """The fine-tuning train state and jitted steps, built for one device mesh.
 
-A step: uint8 global batch (sharded over the batch axes) -> normalise -> classifier with drop
-path (rng: the step key) -> BCE with logits, mean over examples and classes (torch's
-`BCEWithLogitsLoss`, Medical MAE's loss) -> gradients -> AdamW with layer-wise lr decay.
+A step: uint8 global batch (sharded over the batch axes) -> normalise -> the task's model with
+drop path (rng: the step key) -> the task's loss (`tasks`: classification's BCE with logits,
+Medical MAE's; segmentation's Dice + BCE) -> gradients -> AdamW with layer-wise lr decay. With
+config.optim.freeze_encoder the encoder's gradients are stopped (and its lr multiplier is 0).
 State, shardings and batches are the pre-training ones (`spcl_jax.steps.TrainState`,
 `spcl_jax.sharding`), so checkpoints, resume and multi-host behave the same.
 """
@@ -21,17 +22,12 @@ import optax
 
 from spcl_jax import sharding
 from spcl_jax.data.normalize import normalize_uint8
-from spcl_jax.finetune import optimizer
-from spcl_jax.finetune.model import Classifier, build_classifier
+from spcl_jax.finetune import optimizer, tasks
+from spcl_jax.finetune.tasks import bce_with_logits  # noqa: F401  (its home before tasks.py)
 from spcl_jax.steps import TrainState
 
 
-def bce_with_logits(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean binary cross-entropy over every (example, class), from logits (stable form)."""
-  return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels))
-
-
-def _boxed_params(model: Classifier, key: jax.Array) -> Any:
+def _boxed_params(model: nn.Module, key: jax.Array) -> Any:
   e = model.encoder
   dummy = jnp.zeros((1, e.image_size, e.image_size, e.channels), jnp.float32)
   return model.init(key, dummy)["params"]
@@ -41,7 +37,8 @@ def _boxed_params(model: Classifier, key: jax.Array) -> Any:
 class FineTuning:
   """What fine-tuning on one mesh needs, built once from the config (trainer, bench, tests)."""
 
-  model: Classifier
+  model: nn.Module  # model.Classifier or decoders.Segmenter
+  task: Any  # tasks.Classification | tasks.Segmentation
   tx: optax.GradientTransformation
   abstract_state: TrainState  # shapes with shardings attached: the checkpoint restore target
   shardings: Any
@@ -64,7 +61,9 @@ class FineTuning:
 
 def build_finetuning(config: ml_collections.ConfigDict, mesh: Any, num_classes: int,
                      steps_per_epoch: int) -> FineTuning:
-  model = build_classifier(config, num_classes)
+  task = tasks.task_for(config)
+  model = task.build_model(config, num_classes)
+  frozen = bool(config.optim.get("freeze_encoder", False))
   boxed = jax.eval_shape(lambda k: _boxed_params(model, k), jax.random.key(0))
   param_shardings = sharding.logical_shardings(boxed, mesh, config)
   abstract_params = nn.unbox(boxed)
@@ -86,8 +85,10 @@ def build_finetuning(config: ml_collections.ConfigDict, mesh: Any, num_classes: 
     x = normalize_uint8(images, mean, std)
 
     def loss_fn(params):
+      if frozen:  # no backward pass through the encoder at all
+        params = {**params, "encoder": jax.lax.stop_gradient(params["encoder"])}
       logits = model.apply({"params": params}, x, train=True, rngs={"dropout": key})
-      return bce_with_logits(logits, labels)
+      return task.loss(logits, labels)
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -96,13 +97,16 @@ def build_finetuning(config: ml_collections.ConfigDict, mesh: Any, num_classes: 
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   def eval_step(params: Any, images: jax.Array) -> jax.Array:
-    return model.apply({"params": params}, normalize_uint8(images, mean, std), train=False)
+    return task.eval_outputs(
+        model.apply({"params": params}, normalize_uint8(images, mean, std), train=False))
 
-  batch3, batch2 = sharding.batch_sharding(mesh, config, 3), sharding.batch_sharding(mesh, config, 2)
+  batch3 = sharding.batch_sharding(mesh, config, 3)
+  # targets: labels (B, K) or masks (B, S, S)
+  batch2 = sharding.batch_sharding(mesh, config, 3 if task.target == "mask" else 2)
   replicated = sharding.replicated(mesh)
   jit_train = jax.jit(train_step, in_shardings=(shardings, batch3, batch2, replicated),
                       out_shardings=(shardings, replicated), donate_argnums=(0,))
-  # Logits come back replicated: every process holds all of them for the AUC.
+  # Outputs (logits, or mask probabilities) come back replicated: every process scores them.
   jit_eval = jax.jit(eval_step, in_shardings=(param_shardings, batch3),
                      out_shardings=replicated)
-  return FineTuning(model, tx, abstract, shardings, jit_train, jit_eval, mesh, config)
+  return FineTuning(model, task, tx, abstract, shardings, jit_train, jit_eval, mesh, config)

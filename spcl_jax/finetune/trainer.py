@@ -1,14 +1,15 @@
 """Fine-tuning: `train_and_evaluate(config, workdir)`, readable top to bottom.
 
-  validate config -> encoder init (config.init) -> labelled splits -> mesh, classifier, LLRD
-  AdamW, sharded state -> resume from WORKDIR's latest checkpoint if any -> loop over steps:
-  global batch, step key = fold_in(train key, step), jitted step, metrics; at each epoch end the
-  macro AUC on `val`, the best-on-val parameters kept in WORKDIR/best, a checkpoint -> after the
-  last epoch: `test` scored once with the best-on-val parameters (and once with the last ones)
-  -> WORKDIR/results.json.
+  validate config -> encoder init (config.init) -> labelled splits -> mesh, the task's model
+  (classifier, or segmenter: `tasks`), LLRD AdamW, sharded state -> resume from WORKDIR's latest
+  checkpoint if any -> loop over steps: global batch, step key = fold_in(train key, step), jitted
+  step, metrics; at each epoch end the task's selection metric on `val` (macro AUC; Dice over
+  the images with a pneumothorax), the best-on-val parameters kept in WORKDIR/best, a
+  checkpoint -> after the last epoch: `test` scored once with the best-on-val parameters (and
+  once with the last ones) -> WORKDIR/results.json.
 
 The test split is read only after training: nothing during training depends on it. The
-selection history (val AUC per epoch) is WORKDIR/selection.json, written before the epoch's
+selection history (val scores per epoch) is WORKDIR/selection.json, written before the epoch's
 checkpoint; on resume, epochs after the checkpoint are dropped and recomputed (identically).
 """
 
@@ -53,16 +54,19 @@ def finetune_flops_per_image(config: ml_collections.ConfigDict) -> float:
 
 
 def predict(ft: FineTuning, params: Any, dataset: Any, num_images: int) -> np.ndarray:
-  """Logits (num_images, K) of an eval dataset, in split order, the padding dropped.
+  """The task's per-image outputs of an eval dataset, in split order, the padding dropped.
 
-  The step returns them replicated, so every process holds all of them; the labels are the
-  source's own targets (same order), so nothing else needs gathering.
+  Classification: logits (num_images, K); the labels are the source's own targets (same
+  order). Segmentation: |T&P|, |T|, |P| per image (num_images, 3), against the batch's masks.
+  The step returns its outputs replicated, so every process holds all of them.
   """
-  logits = []
+  kept = []
   for i in range(len(dataset)):
-    images = steps.global_batch(data.as_batch(dataset[i])["image"], ft.mesh, ft.config)
-    logits.append(np.asarray(jax.device_get(ft.eval_step(params, images)), np.float32))
-  return np.concatenate(logits)[:num_images]
+    batch = data.as_batch(dataset[i])
+    images = steps.global_batch(batch["image"], ft.mesh, ft.config)
+    outputs = np.asarray(jax.device_get(ft.eval_step(params, images)), np.float32)
+    kept.append(ft.task.host_outputs(batch, outputs))
+  return np.concatenate(kept)[:num_images]
 
 
 def write_classifier_info(workdir: pathlib.Path, config: ml_collections.ConfigDict,
@@ -71,17 +75,21 @@ def write_classifier_info(workdir: pathlib.Path, config: ml_collections.ConfigDi
   run_info.write_run_info(workdir, config)
   path = workdir / run_info.FILENAME
   info = json.loads(path.read_text())
-  info["classifier"] = {"task": config.task, "pool": config.model.pool,
-                        "num_classes": len(classes), "classes": list(classes),
-                        "init": init}
+  if config.protocol == "classification":
+    info["classifier"] = {"task": config.task, "pool": config.model.pool,
+                          "num_classes": len(classes), "classes": list(classes),
+                          "init": init}
+  else:
+    info["segmenter"] = {"task": config.task, "protocol": config.protocol,
+                         "classes": list(classes), "init": init}
   results.write_json(path, info)
 
 
 class Selection:
-  """Val macro AUC per finished epoch, and which epoch is best (first of equal ones)."""
+  """Val scores per finished epoch, and which epoch is best on `metric` (first of equal ones)."""
 
-  def __init__(self, path: pathlib.Path):
-    self.path = path
+  def __init__(self, path: pathlib.Path, metric: str = "macro_auc"):
+    self.path, self.metric = path, metric
     self.history: dict[int, dict[str, Any]] = {}
     if path.is_file():
       saved = json.loads(path.read_text())
@@ -94,7 +102,7 @@ class Selection:
   def best_epoch(self) -> int | None:
     if not self.history:
       return None
-    return max(sorted(self.history), key=lambda e: self.history[e]["macro_auc"])
+    return max(sorted(self.history), key=lambda e: self.history[e][self.metric])
 
   def save(self) -> None:
     results.write_json(self.path, {"history": {str(k): v for k, v in self.history.items()}})
@@ -146,7 +154,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   manager = checkpoint.make_manager(workdir, max_to_keep=config.max_checkpoints_to_keep)
   best_manager = checkpoint.make_manager(workdir / "best", max_to_keep=1)
-  selection = Selection(workdir / SELECTION_FILE)
+  task = ft.task
+  selection = Selection(workdir / SELECTION_FILE, task.metric)
   last_checkpoint = manager.latest_step()
   if last_checkpoint is not None:
     params, opt_state, step = checkpoint.restore(
@@ -204,8 +213,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   def evaluate_val(step: int) -> None:
     epoch = step // steps_per_epoch
-    logits = predict(ft, state.params, val_ds, len(sources["val"]))
-    scored = results.score(sources["val"].targets, logits, classes, f"the val split (epoch {epoch})")
+    outputs = predict(ft, state.params, val_ds, len(sources["val"]))
+    scored = task.score(sources["val"], outputs, classes, f"the val split (epoch {epoch})")
     selection.history[epoch] = {"epoch": epoch, "step": step, **scored}
     if selection.best_epoch == epoch:
       for old in best_manager.all_steps():
@@ -218,11 +227,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if is_main:
       selection.save()
     best = selection.history[selection.best_epoch]
-    writer.write(step, {"val_macro_auc": scored["macro_auc"], "epoch": epoch,
-                        **{f"val_auc/{k}": v for k, v in scored["per_class"].items()}})
+    writer.write(step, {**task.scalars(scored), "epoch": epoch})
     if is_main:
-      print(f"epoch {epoch}/{config.epochs} | val macro AUC {scored['macro_auc']:.4f} | best "
-            f"{best['macro_auc']:.4f} (epoch {best['epoch']})", flush=True)
+      print(f"epoch {epoch}/{config.epochs} | val {task.summary(scored)} | best {task.metric} "
+            f"{best[task.metric]:.4f} (epoch {best['epoch']})", flush=True)
 
   stopped = False
   try:
@@ -231,7 +239,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       for step in range(start_step + 1, total_steps + 1):
         batch = data.as_batch(next(train_iter))
         images = steps.global_batch(batch["image"], mesh, config)
-        labels = steps.global_batch(batch["label"], mesh, config)
+        labels = steps.global_batch(batch[task.target], mesh, config)
         state, step_metrics = ft.train_step(state, images, labels,
                                             jax.random.fold_in(keys["train"], step - 1))
         if pending is not None:
@@ -274,8 +282,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if is_main:
     results.write_json(workdir / RESULTS_FILE, summary)
     t = summary["test_at_best_val"]
-    print(f"test macro AUC {t['macro_auc']:.4f} (95% CI {t['ci95'][0]:.4f}-{t['ci95'][1]:.4f}) "
-          f"at the best val epoch {t['epoch']}; wrote {workdir / RESULTS_FILE}", flush=True)
+    if "ci95" in t:
+      line = (f"macro AUC {t['macro_auc']:.4f} (95% CI {t['ci95'][0]:.4f}-{t['ci95'][1]:.4f})")
+    else:
+      line = task.summary(t)
+    print(f"test {line} at the best val epoch {t['epoch']}; wrote {workdir / RESULTS_FILE}",
+          flush=True)
   return summary
 
 
@@ -296,25 +308,24 @@ def _test_and_report(ft, config, state, sources, classes, selection, best_manage
   if best_step != best["step"]:
     raise RuntimeError(f"{best_manager.directory} holds step {best_step}, but the best val "
                        f"epoch ended at step {best['step']}")
-  ci = dict(samples=config.bootstrap_samples, seed=config.seed)
+  task = ft.task
   n_test = len(sources["test"])
   entries = {}
   for name, params, step in (("test_at_best_val", best_params, best["step"]),
                              ("test_at_last_epoch", state.params, total_steps)):
-    logits = predict(ft, params, test_ds, n_test)
-    entries[name] = results.scored_with_ci(step // steps_per_epoch, step,
-                                           sources["test"].targets, logits,
-                                           classes, **ci)
+    outputs = predict(ft, params, test_ds, n_test)
+    entries[name] = task.test_entry(step // steps_per_epoch, step, sources["test"], outputs,
+                                    classes, config)
   return {
       "format": results.FORMAT,
       "task": config.task,
-      "protocol": "classification",
+      "protocol": task.protocol,
       "label_fraction": int(config.label_fraction),
       "split_scheme": config.split_scheme,
       "init": init.describe(),
-      "metric": "macro_auc",
+      "metric": task.metric,
       "classes": classes,
-      "val_best": {k: best[k] for k in ("epoch", "step", "macro_auc", "per_class")},
+      "val_best": {k: best[k] for k in ("epoch", "step", *task.val_keys())},
       **entries,
       "seeds": [int(config.seed)],
       "config": json.loads(config.to_json_best_effort()),

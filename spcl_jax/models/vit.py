@@ -219,17 +219,27 @@ class Transformer(nn.Module):
   remat: bool = False
   drop_path_rate: float = 0.0
   final_norm: bool = True  # False: tokens before encoder_norm (fine-tuning's avg pool + fc_norm)
+  # Non-empty: return the outputs of these blocks (a list; segmentation's feature pyramid), the
+  # final norm applied to the last block's output only.
+  return_blocks: tuple[int, ...] = ()
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array | list[jax.Array]:
     # Rematerialisation recomputes each block's activations in the backward pass: the memory
     # of one block instead of all of them, for ~1/3 more compute.
     block_cls = (nn.remat(Encoder1DBlock, static_argnums=(2,)) if self.remat
                  else Encoder1DBlock)
     rates = drop_path_rates(self.depth, self.drop_path_rate)
+    outputs = {}
     for i in range(self.depth):  # unrolled: parameter names match big_vision's checkpoints
       x = block_cls(self.num_heads, self.mlp_dim, self.dtype, self.attention_impl, rates[i],
                     name=f"encoderblock_{i}")(x, deterministic)
+      outputs[i] = x
+    if self.return_blocks:
+      last = self.depth - 1
+      if self.final_norm and last in self.return_blocks:
+        outputs[last] = _layer_norm("encoder_norm", jnp.float32)(x)
+      return [outputs[b].astype(jnp.float32) for b in self.return_blocks]
     if not self.final_norm:
       return x.astype(jnp.float32)
     return _layer_norm("encoder_norm", jnp.float32)(x)
@@ -254,6 +264,7 @@ class VisionTransformer(nn.Module):
   remat: bool = False
   drop_path_rate: float = 0.0  # stochastic depth of the last block (fine-tuning; 0 pre-training)
   final_norm: bool = True
+  return_blocks: tuple[int, ...] = ()  # see Transformer: segmentation's block outputs
 
   @property
   def grid_size(self) -> int:
@@ -277,7 +288,7 @@ class VisionTransformer(nn.Module):
     x = jnp.concatenate([cls, tokens], axis=1)
     return Transformer(self.depth, self.num_heads, self.mlp_dim, self.dtype,
                        self.attention_impl, self.remat, self.drop_path_rate, self.final_norm,
-                       name="Transformer")(x, deterministic)
+                       tuple(self.return_blocks), name="Transformer")(x, deterministic)
 
 
 class PatchEmbedding(nn.Module):
