@@ -351,3 +351,10 @@ def test_mgca_trains_the_decoder_on_a_frozen_encoder(mgca_run):
   moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first["decoder"]),
                                                     jax.tree.leaves(last["decoder"]))]
   assert all(moved)
+
+
+def test_export_of_a_segmentation_workdir_says_it_is_not_supported(mgca_run, tmp_path):
+  from spcl_jax import export
+  _, workdir, _ = mgca_run
+  with pytest.raises(ValueError, match="mgca segmentation model: exporting segmentation"):
+    export.export_checkpoint(workdir, "timm", tmp_path / "seg.safetensors")

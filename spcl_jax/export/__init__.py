@@ -74,6 +74,10 @@ def export_checkpoint(workdir: str | os.PathLike[str], export_format: str,
   if not pathlib.Path(workdir).expanduser().is_dir():
     raise FileNotFoundError(f"--workdir {str(workdir)!r} does not exist or is not a directory")
   info = read_run_info(workdir)
+  if "segmenter" in info:
+    raise ValueError(f"--workdir {str(workdir)!r} holds a {info['segmenter'].get('protocol')} "
+                     "segmentation model: exporting segmentation decoders to PyTorch is not "
+                     "supported (export the pre-training workdir's encoder instead)")
   if classifier.is_finetune_workdir(info):
     return export_classifier(workdir, info, export_format, out, step, in_chans)
   return export_pretrained(load_pretrained(workdir, step), export_format, out, in_chans)
