@@ -66,7 +66,7 @@ def state_shardings(model: VisionTransformer, tx: optax.GradientTransformation,
   return abstract, shardings
 
 
-def create_train_state(model: VisionTransformer, tx: optax.GradientTransformation, mesh: Mesh,
+def create_train_state(model: VisionTransformer, tx: optax.GradientTransformation,
                        config: ml_collections.ConfigDict, key: jax.Array,
                        shardings: Any) -> TrainState:
   """Initialises directly into the sharded layout (no full copy on one device first)."""
@@ -257,7 +257,7 @@ class Training:
   config: ml_collections.ConfigDict
 
   def init_state(self, key: jax.Array) -> TrainState:
-    return create_train_state(self.model, self.tx, self.mesh, self.config, key, self.shardings)
+    return create_train_state(self.model, self.tx, self.config, key, self.shardings)
 
 
 def build_training(config: ml_collections.ConfigDict, mesh: Mesh) -> Training:

@@ -57,13 +57,9 @@ class DecodeImage(grain.transforms.Map):
 
   image_size: int
   resize_filter: str = "bilinear"
-  keep_name: bool = False
 
   def map(self, record: dict[str, Any]) -> Any:
-    image = decode_image(record, self.image_size, self.resize_filter)
-    if self.keep_name:
-      return {"image": image, "name": record.get("name", "")}
-    return image
+    return decode_image(record, self.image_size, self.resize_filter)
 
 
 def local_batch_size(global_batch: int, process_count: int) -> int:
