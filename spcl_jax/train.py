@@ -22,18 +22,17 @@ from __future__ import annotations
 
 import logging
 import pathlib
-import signal
 import time
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
 from spcl_jax import (accelerator_time, checkpoint, evaluators, metrics, run_info, sharding,
                       steps, workdir_lock)
 from spcl_jax.configuration import ConfigError, resolve_batch_size, validate_config
+from spcl_jax.preemption import StopRequest
 from spcl_jax.data import pipeline
 from spcl_jax.data.sources import open_source
 from spcl_jax.workdir_path import as_path, check_store_client
@@ -43,47 +42,6 @@ log = logging.getLogger("spcl_jax")
 
 class NonFiniteLossError(FloatingPointError):
   """The loss or gradient became NaN/Inf; the last good checkpoint is kept."""
-
-
-class _StopRequest:
-  """SIGTERM (preemption, scancel, kill) asks the loop to checkpoint and return cleanly.
-
-  With several processes, all must stop at the same step (the checkpoint is a collective), but
-  a signal may reach only some of them: they agree with an all-gather of the flag every
-  `agree_every` steps, so one signalled process stops the job within that many steps.
-  """
-
-  def __init__(self, agree_every: int = 1):
-    self.requested = False
-    self.agree_every = agree_every
-    self._previous = None
-
-  def should_stop(self, step: int) -> bool:
-    if jax.process_count() == 1:
-      return self.requested
-    if step % self.agree_every:
-      return False
-    flags = multihost_utils.process_allgather(np.int32(self.requested))
-    self.requested = bool(np.any(flags))
-    return self.requested
-
-  def __enter__(self):
-    def handler(signum, frame):
-      del frame
-      if self.requested:  # a second signal must not cut the save short
-        print(f"received signal {signum} again: still saving the checkpoint", flush=True)
-        return
-      self.requested = True
-      print(f"received signal {signum}: saving a checkpoint and stopping", flush=True)
-    try:
-      self._previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (e.g. a test runner's worker): no handler
-      self._previous = None
-    return self
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _keys(seed: int) -> dict[str, jax.Array]:
@@ -258,7 +216,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, training: s
     if start_step == 0:
       last_eval.update(_run_evaluators(evals, writer, 0, state.params, first=True))
     pending: tuple[int, dict[str, jax.Array]] | None = None
-    with _StopRequest(agree_every=config.log_every_steps) as stop:
+    with StopRequest(agree_every=config.log_every_steps) as stop:
       for step in range(start_step + 1, config.total_steps + 1):
         images = steps.global_batch(pipeline.as_numpy_batch(next(train_iter)), mesh, config)
         step_key = jax.random.fold_in(keys["train"], step - 1)

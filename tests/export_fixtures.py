@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from configs.default import get_config
+from spcl_jax.configs.default import get_config
 from spcl_jax import checkpoint
 from spcl_jax.data.decode import decode_image
 from spcl_jax.data.sources import SAMPLE_DIR, FolderSource

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from configs import demo
+from spcl_jax.configs import demo
 from spcl_jax import accumulation, masking, sharding, steps
 from spcl_jax.bench import collectives, memory, scaling
 from spcl_jax.configuration import ConfigError, resolve_batch_size, validate_config

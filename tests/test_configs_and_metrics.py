@@ -9,7 +9,7 @@ import flax.linen as nn
 import numpy as np
 import pytest
 
-from configs import default
+from spcl_jax.configs import default
 from spcl_jax import metrics
 from spcl_jax.configuration import resolve_batch_size, validate_config
 from spcl_jax.masking import view_size

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import demo
+from spcl_jax.configs import demo
 from spcl_jax.data import decode, pipeline, sources
 
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import data_fixtures as fx
-from configs import demo
+from spcl_jax.configs import demo
 from spcl_jax import train
 from spcl_jax.data import decode, prepare, sources
 from spcl_jax.extract import main as extract_main

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import data_fixtures as fx
-from configs import demo
+from spcl_jax.configs import demo
 from export_fixtures import make_workdir, random_encoder_params
 from spcl_jax import auc, evaluate, evaluators, sharding, steps
 from spcl_jax.configuration import ConfigError, validate_config
@@ -117,7 +117,7 @@ def nih(tmp_path_factory):
       name = f"{patient:08d}_{k:03d}.png"
       rows.append(fx.nih_row(name, ["No Finding", "Effusion", "Effusion|Mass"][(patient + k) % 3],
                              patient, "PA"))
-      fx.write_png(root / "raw/images" / name, fx.gradient(48, 40, patient * 2 + k))
+      fx.write_png(root / "raw/images" / name, fx.gradient(64, 72, patient * 2 + k))
   fx.write_csv(root / "raw/Data_Entry_2017_v2020.csv", fx.NIH_HEADER, rows)
   assert prepare.main(["nih_chestxray14", "--src", str(root / "raw"), "--out", str(root / "out"),
                        "--image-size", "64", "--workers", "1"]) == 0

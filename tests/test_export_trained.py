@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from configs import demo
+from spcl_jax.configs import demo
 from export_fixtures import TOLERANCE, jax_cls_features, max_abs_diff, sample_images, torch_input
 from spcl_jax import train
 from spcl_jax.data.sources import SAMPLE_DIR

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from configs.default import get_config
+from spcl_jax.configs.default import get_config
 from spcl_jax import accelerator_time, metrics
 from spcl_jax.report import __main__ as report_cli
 from spcl_jax.report import runs, tables

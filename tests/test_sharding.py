@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, Mesh, PartitionSpec as P
 
-from configs import demo
+from spcl_jax.configs import demo
 from spcl_jax import losses, optimizer, sharding, steps
 from spcl_jax.models.vit import build_encoder, encode_images
 

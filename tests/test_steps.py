@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import demo
+from spcl_jax.configs import demo
 from spcl_jax import losses, masking, optimizer, sharding, steps
 
 BATCH, SIZE, PATCH = 8, 64, 16

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import demo
+from spcl_jax.configs import demo
 from spcl_jax import accelerator_time, checkpoint, evaluators, optimizer, run_info, steps, train
 from spcl_jax.configuration import ConfigError
 

@@ -4,14 +4,15 @@
            --memory_gb, then jitted steps on synthetic uint8 images: images/s, TFLOP/s, MFU
   scaling  a model of the step on 8 .. 1024 accelerators: compute vs communication, efficiency
            (--check: its bytes against the compiled step's collectives on 8 CPU devices)
-  input   the input pipeline alone on prepared data: decoded images/s
+  finetune jitted fine-tuning steps (classifier, BCE, LLRD AdamW) on synthetic images: images/s
+  input    the input pipeline alone on prepared data: decoded images/s
 """
 
 import importlib
 import sys
 
 BENCHMARKS = {"train": "spcl_jax.bench.train", "input": "spcl_jax.bench.input",
-              "scaling": "spcl_jax.bench.scaling"}
+              "scaling": "spcl_jax.bench.scaling", "finetune": "spcl_jax.bench.finetune"}
 
 
 def main() -> int:

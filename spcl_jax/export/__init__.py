@@ -3,7 +3,9 @@
   python -m spcl_jax.export --workdir W [--step S] --format timm|medical_mae|npz --out PATH
                             [--in-chans 1|3]
 
-Only the `params` item of the checkpoint is restored (see `spcl_jax.pretrained`). The layouts are
+A fine-tuning workdir (python -m spcl_jax.finetune) exports its classifier, head included, to
+timm (`classifier.py`; the best-on-val parameters unless --step). Only the `params` item of the
+checkpoint is restored (see `spcl_jax.pretrained`). The layouts are
 in `layout.py` (timm / Medical MAE) and `npz_format.py`; the README section "Export to PyTorch" is the user's guide.
 torch is needed for the medical_mae format only (imported when it writes); the timm format needs
 `safetensors` (with numpy, not torch).
@@ -15,8 +17,9 @@ import os
 import pathlib
 
 from spcl_jax.atomic_file import check_writable
-from spcl_jax.export import layout, medical_mae, npz_format, timm_format
+from spcl_jax.export import classifier, layout, medical_mae, npz_format, timm_format
 from spcl_jax.pretrained import PretrainedEncoder, load_pretrained
+from spcl_jax.run_info import read_run_info
 
 # The file each format writes (timm's JSON sidecar goes beside its .safetensors).
 SUFFIXES = {"timm": ".safetensors", "medical_mae": ".pth", "npz": ".npz"}
@@ -68,4 +71,22 @@ def export_checkpoint(workdir: str | os.PathLike[str], export_format: str,
                       in_chans: int | None = None) -> list[pathlib.Path]:
   """Restores checkpoint `step` (None: latest) of `workdir` and exports it."""
   check_request(export_format, pathlib.Path(out).expanduser(), in_chans)
+  if not pathlib.Path(workdir).expanduser().is_dir():
+    raise FileNotFoundError(f"--workdir {str(workdir)!r} does not exist or is not a directory")
+  info = read_run_info(workdir)
+  if classifier.is_finetune_workdir(info):
+    return export_classifier(workdir, info, export_format, out, step, in_chans)
   return export_pretrained(load_pretrained(workdir, step), export_format, out, in_chans)
+
+
+def export_classifier(workdir, info, export_format: str, out, step: int | None,
+                      in_chans: int | None) -> list[pathlib.Path]:
+  """A fine-tuning workdir: the classifier (best-on-val unless `step`), timm format only."""
+  if export_format != "timm":
+    raise ValueError(f"--format {export_format}: a fine-tuned classifier exports to timm only "
+                     "(its head has no place in the medical_mae or npz layouts)")
+  trained_channels = int(info["model"]["channels"])
+  in_chans = trained_channels if in_chans is None else in_chans
+  layout.check_in_chans(trained_channels, in_chans)
+  finetuned = classifier.load_finetuned(workdir, info, step)
+  return classifier.write_timm_classifier(finetuned, pathlib.Path(out).expanduser(), in_chans)

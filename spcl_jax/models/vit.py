@@ -144,23 +144,54 @@ class MlpBlock(nn.Module):
                     bias_init=_zeros(("embed",)))(x)
 
 
+class DropPath(nn.Module):
+  """Stochastic depth: in training, zero a residual branch for a random subset of the examples.
+
+  Each example keeps the whole branch with probability 1 - rate, scaled by 1 / (1 - rate) so its
+  expectation is unchanged (timm's `drop_path`); at eval the branch passes unchanged. The draw
+  uses the 'dropout' rng stream.
+  """
+
+  rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, branch: jax.Array, deterministic: bool = True) -> jax.Array:
+    if deterministic or self.rate == 0.0:
+      return branch
+    keep = 1.0 - self.rate
+    shape = (branch.shape[0],) + (1,) * (branch.ndim - 1)  # one draw per example
+    kept = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+    return branch * kept.astype(branch.dtype) / jnp.asarray(keep, branch.dtype)
+
+
 class Encoder1DBlock(nn.Module):
-  """Pre-LN block: x + MHA(LN(x)), then x + MLP(LN(x)). No dropout (S-PCL uses none)."""
+  """Pre-LN block: x + MHA(LN(x)), then x + MLP(LN(x)), each branch under stochastic depth.
+
+  S-PCL pre-training uses no dropout and no drop path (drop_path=0); fine-tuning does.
+  """
 
   num_heads: int
   mlp_dim: int
   dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  drop_path: float = 0.0
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     y = _layer_norm("LayerNorm_0", self.dtype)(x)
     y = MultiHeadDotProductAttention(self.num_heads, self.dtype, self.attention_impl,
                                      name="MultiHeadDotProductAttention_0")(y)
-    x = x + y
+    x = x + DropPath(self.drop_path)(y, deterministic)
     y = _layer_norm("LayerNorm_1", self.dtype)(x)
     y = MlpBlock(self.mlp_dim, self.dtype, name="MlpBlock_0")(y)
-    return x + y
+    return x + DropPath(self.drop_path)(y, deterministic)
+
+
+def drop_path_rates(depth: int, max_rate: float) -> list[float]:
+  """Block i drops with rate max_rate * i / (depth - 1): 0 at the first block (timm's linspace)."""
+  if depth == 1:
+    return [0.0]
+  return [max_rate * i / (depth - 1) for i in range(depth)]
 
 
 class Transformer(nn.Module):
@@ -170,15 +201,21 @@ class Transformer(nn.Module):
   dtype: Dtype = jnp.float32
   attention_impl: str | None = None
   remat: bool = False
+  drop_path_rate: float = 0.0
+  final_norm: bool = True  # False: tokens before encoder_norm (fine-tuning's avg pool + fc_norm)
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     # Rematerialisation recomputes each block's activations in the backward pass: the memory
     # of one block instead of all of them, for ~1/3 more compute.
-    block_cls = nn.remat(Encoder1DBlock) if self.remat else Encoder1DBlock
+    block_cls = (nn.remat(Encoder1DBlock, static_argnums=(2,)) if self.remat
+                 else Encoder1DBlock)
+    rates = drop_path_rates(self.depth, self.drop_path_rate)
     for i in range(self.depth):  # unrolled: parameter names match big_vision's checkpoints
-      x = block_cls(self.num_heads, self.mlp_dim, self.dtype, self.attention_impl,
-                    name=f"encoderblock_{i}")(x)
+      x = block_cls(self.num_heads, self.mlp_dim, self.dtype, self.attention_impl, rates[i],
+                    name=f"encoderblock_{i}")(x, deterministic)
+    if not self.final_norm:
+      return x.astype(jnp.float32)
     return _layer_norm("encoder_norm", jnp.float32)(x)
 
 
@@ -199,6 +236,8 @@ class VisionTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   attention_impl: str | None = None
   remat: bool = False
+  drop_path_rate: float = 0.0  # stochastic depth of the last block (fine-tuning; 0 pre-training)
+  final_norm: bool = True
 
   @property
   def grid_size(self) -> int:
@@ -209,7 +248,8 @@ class VisionTransformer(nn.Module):
     return self.grid_size ** 2
 
   @nn.compact
-  def __call__(self, patches: jax.Array, positions: jax.Array) -> jax.Array:
+  def __call__(self, patches: jax.Array, positions: jax.Array,
+               deterministic: bool = True) -> jax.Array:
     d = self.width
     tokens = PatchEmbedding(self.patch_size, self.channels, d, self.dtype, name="embedding")(
         patches)
@@ -220,7 +260,8 @@ class VisionTransformer(nn.Module):
     cls = jnp.broadcast_to(cls.astype(tokens.dtype), (tokens.shape[0], 1, d))
     x = jnp.concatenate([cls, tokens], axis=1)
     return Transformer(self.depth, self.num_heads, self.mlp_dim, self.dtype,
-                       self.attention_impl, self.remat, name="Transformer")(x)
+                       self.attention_impl, self.remat, self.drop_path_rate, self.final_norm,
+                       name="Transformer")(x, deterministic)
 
 
 class PatchEmbedding(nn.Module):

@@ -1,0 +1,90 @@
+"""Fine-tuning defaults: Medical MAE's recipe (github.com/lambert-x/medical_mae).
+
+Sources, by file of that repository:
+  main_finetune_chestxray.py  AdamW, blr 2.5e-4, lr = blr * batch / 256, weight decay 0.05,
+                              layer decay 0.55, drop path 0.2, 75 epochs, 5 warmup, min lr 1e-5,
+                              head init trunc_normal std 2e-5, BCEWithLogitsLoss, input 224,
+                              global average pool + fc_norm, mean/std 0.5056/0.252
+  FINETUNE.md                 the commands: 128 images per GPU on 8 GPUs (batch 1024)
+  util/lr_decay.py            layer ids (embedding/CLS/positions 0, head last), no decay on 1-D
+  util/lr_sched.py            linear warmup then half-cycle cosine, per iteration
+  util/datasets.py            timm create_transform: RandomResizedCrop(scale 0.08-1), flip,
+                              RandAugment rand-m6-mstd0.5-inc1; eval resize 256 + centre crop 224
+Where we differ, on purpose: the checkpoint is chosen on `val` (Medical MAE chooses on test),
+a class with one label value is an error (Medical MAE drops it), and the images stay 1-channel.
+Override any field: --config.label_fraction=10 --config.init=/runs/spcl_b16.
+"""
+
+import ml_collections
+
+from spcl_jax.configs import default
+
+
+def get_config(task: str, prepared: str, image_size_preset: str | None = None
+               ) -> ml_collections.ConfigDict:
+  pretrain = default.get_config()
+  config = ml_collections.ConfigDict()
+  config.task = task                  # nih14 | chexpert | rsna: the table column
+  config.init = "random"              # random | pre-training WORKDIR | .safetensors/.pth/.npz
+  config.init_step = -1               # checkpoint step of a WORKDIR init; -1 = the latest
+  config.label_fraction = 100         # 1 | 10 | 100 percent of the train split (nested subsets)
+  config.split_scheme = "paper"       # paper (7:2:1 by patient) | official | files
+  config.split_files = ml_collections.ConfigDict({"train": "", "val": "", "test": ""})
+  config.chexpert_policy = "medical_mae"  # uncertain labels: medical_mae | ones | zeros
+  config.seed = 0
+  config.epochs = 75                  # main_finetune_chestxray.py --epochs
+  config.batch_size = 1024            # FINETUNE.md: 128 per GPU x 8 GPUs (global batch)
+  config.bootstrap_samples = 1000     # test-set bootstrap resamples for the 95% interval
+
+  config.model = ml_collections.ConfigDict()
+  config.model.variant = "B/16"       # must match the init's pre-trained variant
+  config.model.image_size = 224       # main_finetune_chestxray.py --input_size
+  config.model.channels = 1
+  config.model.dtype = "bfloat16"     # compute dtype (Medical MAE trains with AMP)
+  config.model.attention_impl = ""
+  config.model.remat = False
+  config.model.pool = "avg"           # avg (models_vit.py global_pool + fc_norm) | cls
+  config.model.drop_path_rate = 0.2   # main_finetune_chestxray.py --drop_path
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.base_learning_rate = 2.5e-4  # --blr; lr = blr * batch_size / 256
+  config.optim.learning_rate = 0.0          # > 0 sets the peak lr directly
+  config.optim.layer_decay = 0.55           # --layer_decay (util/lr_decay.py)
+  config.optim.weight_decay = 0.05          # --weight_decay, none on 1-D params
+  config.optim.warmup_epochs = 5            # --warmup_epochs
+  config.optim.min_learning_rate = 1e-5     # --min_lr (util/lr_sched.py)
+  config.optim.b1 = 0.9                     # torch AdamW defaults (betas, eps)
+  config.optim.b2 = 0.999
+  config.optim.eps = 1e-8
+
+  config.data = ml_collections.ConfigDict()
+  config.data.prepared = prepared     # python -m spcl_jax.data.prepare ... --out THIS
+  config.data.mean = pretrain.data.mean  # Medical MAE's CXR mean/std; an S-PCL init's own win
+  config.data.std = pretrain.data.std
+  config.data.resize_filter = "bicubic"  # timm create_transform interpolation
+  config.data.crop_scale = (0.08, 1.0)   # RandomResizedCrop scale
+  config.data.hflip = True
+  config.data.randaugment_magnitude = 6  # rand-m6-mstd0.5-inc1
+  config.data.randaugment_magnitude_std = 0.5
+  config.data.eval_crop_fraction = 224 / 256  # eval: resize to S / this (256 at 224), crop S
+  config.data.num_workers = 8
+  config.data.read_threads = 4
+  config.data.prefetch_buffer_size = 4
+  config.data.shuffle_seed = -1        # -1 uses config.seed
+
+  config.sharding = pretrain.sharding
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 1000  # also at every epoch end
+  config.max_checkpoints_to_keep = 2
+  config.peak_flops_per_device = 0.0
+  if image_size_preset is not None:
+    apply_preset(config, image_size_preset)
+  return config
+
+
+def apply_preset(config: ml_collections.ConfigDict, preset: str) -> None:
+  """'512': input 512 (eval resize 585, the same 224/256 crop). Given as FILE.py:512."""
+  if preset != "512":
+    raise ValueError(f"config preset {preset!r}: the only preset is '512' (e.g. "
+                     "--config=configs/finetune/nih14.py:512)")
+  config.model.image_size = 512

@@ -1,0 +1,79 @@
+"""Checks of a fine-tuning config before anything is built: one line naming the field."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from spcl_jax.configuration import COMPUTE_DTYPES, ConfigError
+from spcl_jax.data.decode import resize_filter_names
+from spcl_jax.finetune.data import SPLIT_SCHEMES
+from spcl_jax.finetune.model import POOLS
+from spcl_jax.models.vit import variant_dims
+
+# config.task -> the prepared dataset it reads.
+TASK_DATASETS = {"nih14": "nih_chestxray14", "chexpert": "chexpert", "rsna": "rsna_pneumonia"}
+LABEL_FRACTIONS = (1, 10, 100)
+CHEXPERT_POLICIES = ("medical_mae", "ones", "zeros")
+
+
+def _require(condition: bool, message: str) -> None:
+  if not condition:
+    raise ConfigError(message)
+
+
+def validate_finetune_config(config: ml_collections.ConfigDict, *, num_batch_shards: int = 1,
+                             process_count: int = 1) -> None:
+  _require(config.task in TASK_DATASETS,
+           f"config.task={config.task!r} must be one of {tuple(TASK_DATASETS)}")
+  _require(config.label_fraction in LABEL_FRACTIONS,
+           f"config.label_fraction={config.label_fraction!r} must be one of {LABEL_FRACTIONS}")
+  _require(config.split_scheme in SPLIT_SCHEMES,
+           f"config.split_scheme={config.split_scheme!r} must be one of {SPLIT_SCHEMES}")
+  _require(not (config.task == "rsna" and config.split_scheme == "official"),
+           "config.split_scheme='official': RSNA has no official labelled test set; use 'paper'")
+  _require(config.chexpert_policy in CHEXPERT_POLICIES,
+           f"config.chexpert_policy={config.chexpert_policy!r} must be one of "
+           f"{CHEXPERT_POLICIES}")
+  for field in ("epochs", "batch_size", "log_every_steps", "checkpoint_every_steps",
+                "max_checkpoints_to_keep", "bootstrap_samples"):
+    value = config[field]
+    _require(isinstance(value, int) and value >= 1,
+             f"config.{field}={value!r} must be a positive integer")
+  _require(0 <= config.optim.warmup_epochs < config.epochs,
+           f"config.optim.warmup_epochs={config.optim.warmup_epochs!r} must be in "
+           f"[0, config.epochs={config.epochs})")
+  _require(config.optim.base_learning_rate > 0 or config.optim.learning_rate > 0,
+           "config.optim.base_learning_rate or config.optim.learning_rate must be > 0")
+  _require(0 < config.optim.layer_decay <= 1,
+           f"config.optim.layer_decay={config.optim.layer_decay!r} must be in (0, 1]")
+  _require(config.optim.weight_decay >= 0,
+           f"config.optim.weight_decay={config.optim.weight_decay!r} must be >= 0")
+  _require(config.optim.min_learning_rate >= 0,
+           f"config.optim.min_learning_rate={config.optim.min_learning_rate!r} must be >= 0")
+  try:
+    dims = variant_dims(config.model.variant)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  _require(config.model.image_size % dims["patch_size"] == 0,
+           f"config.model.image_size={config.model.image_size!r} must be a multiple of the "
+           f"patch size {dims['patch_size']}")
+  _require(config.model.channels == 1,
+           f"config.model.channels={config.model.channels!r}: fine-tuning reads grayscale, so 1")
+  _require(config.model.dtype in COMPUTE_DTYPES,
+           f"config.model.dtype={config.model.dtype!r} must be one of {COMPUTE_DTYPES}")
+  _require(config.model.pool in POOLS,
+           f"config.model.pool={config.model.pool!r} must be one of {POOLS}")
+  _require(0 <= config.model.drop_path_rate < 1,
+           f"config.model.drop_path_rate={config.model.drop_path_rate!r} must be in [0, 1)")
+  _require(config.data.resize_filter in resize_filter_names(),
+           f"config.data.resize_filter={config.data.resize_filter!r} must be one of "
+           f"{resize_filter_names()}")
+  _require(0 < config.data.eval_crop_fraction <= 1,
+           f"config.data.eval_crop_fraction={config.data.eval_crop_fraction!r} must be in (0, 1]")
+  _require(config.data.std > 0, f"config.data.std={config.data.std!r} must be > 0")
+  _require(config.batch_size % num_batch_shards == 0,
+           f"config.batch_size={config.batch_size} is not divisible by the {num_batch_shards} "
+           "devices it is split over")
+  _require(config.batch_size % process_count == 0,
+           f"config.batch_size={config.batch_size} is not divisible by the {process_count} "
+           "processes")

@@ -1,0 +1,155 @@
+"""Labelled splits and their grain pipelines for fine-tuning.
+
+  train  source -> shuffle per epoch (seeded) -> repeat -> this process's block of each global
+         batch -> decode + random augmentation (per-example rng from (seed, position)) -> batch
+         -> grain workers -> {"image": uint8 (b, S, S), "label": float32 (b, K)}
+  eval   every image of the split exactly once, in record order, padded with copies of the last
+         image up to whole global batches; "valid" marks the real ones, whose logits are kept.
+
+Like pre-training, the train order and every augmentation draw are a pure function of
+(seed, stream position), so the iterator state in a checkpoint resumes the exact stream.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from spcl_jax.data import pipeline
+from spcl_jax.data.decode import decode_image
+from spcl_jax.data.prepared import LabelledSource
+from spcl_jax.finetune.augment import EvalTransform as EvalAugment, TrainAugment
+
+SPLIT_SCHEMES = ("paper", "official", "files")
+
+
+def split_sources(config: ml_collections.ConfigDict) -> dict[str, LabelledSource]:
+  """{'train', 'val', 'test'} of config.data.prepared under config.split_scheme.
+
+  paper: the 7:2:1 patient split prepare writes; official: the download's test list as test,
+  val carved by patient from its train list (splits/official_*.txt); files: the user's lists
+  in config.split_files.{train,val,test}. The label fraction always subsets train only.
+  """
+  scheme = config.split_scheme
+  if scheme not in SPLIT_SCHEMES:
+    raise ValueError(f"config.split_scheme={scheme!r} must be one of {SPLIT_SCHEMES}")
+  common = dict(policy=config.chexpert_policy)
+  if scheme == "files":
+    files = {k: str(v) for k, v in config.split_files.items()}
+    empty = [k for k in ("train", "val", "test") if not files.get(k)]
+    if empty:
+      raise ValueError(f"config.split_scheme='files' needs config.split_files.{empty[0]} (a "
+                       "text file of image names, one a line)")
+    common["split_files"] = files
+  else:
+    common["scheme"] = scheme
+  out_dir = config.data.prepared
+  return {"train": LabelledSource(out_dir, "train", str(config.label_fraction), **common),
+          "val": LabelledSource(out_dir, "val", "100", **common),
+          "test": LabelledSource(out_dir, "test", "100", **common)}
+
+
+def split_hashes(sources: dict[str, LabelledSource]) -> dict[str, str]:
+  """{split file stem: sha256} of the lists the run read (train: its label-fraction file)."""
+  hashes = {}
+  for split, source in sources.items():
+    info = source.split_info
+    stem = pathlib.Path(info["file"]).stem
+    if info["scheme"] == "split_files" and info["fraction"] != "100":
+      stem += f"_{info['fraction']}pct"  # a nested subset of the user's list (same file)
+    hashes[stem] = info["sha256"]
+  return hashes
+
+
+def stored_image_size(source: LabelledSource) -> int:
+  return int(source.folder.report["settings"]["image_size"])
+
+
+class TrainTransform(grain.transforms.RandomMap):
+  """Record -> {"image": augmented uint8 (S, S), "label"}; rng from grain (seed, position).
+
+  The stored image (prepare's size) is decoded without resizing, then randomly cropped, flipped
+  and RandAugmented to S x S (`augment.TrainAugment`, Medical MAE's recipe).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, stored_size: int):
+    self.stored_size = stored_size
+    self.resize_filter = config.data.resize_filter
+    self.augment = TrainAugment(
+        config.model.image_size, scale=tuple(config.data.crop_scale), hflip=config.data.hflip,
+        randaugment_magnitude=config.data.randaugment_magnitude,
+        magnitude_std=config.data.randaugment_magnitude_std)
+
+  def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    image = decode_image(record, self.stored_size, self.resize_filter)
+    image, _ = self.augment(image, rng)
+    return {"image": image, "label": np.asarray(record["label"], np.float32)}
+
+
+class EvalTransform(grain.transforms.Map):
+  """Record -> {"image": uint8 (S, S), "label", "valid"}: resize, then centre crop S."""
+
+  def __init__(self, config: ml_collections.ConfigDict, stored_size: int):
+    self.stored_size = stored_size
+    self.resize_filter = config.data.resize_filter
+    self.transform = EvalAugment(config.model.image_size,
+                                 crop_fraction=config.data.eval_crop_fraction)
+
+  def map(self, record: dict[str, Any]) -> dict[str, Any]:
+    image = decode_image(record, self.stored_size, self.resize_filter)
+    image, _ = self.transform(image)
+    return {"image": image, "label": np.asarray(record["label"], np.float32),
+            "valid": np.bool_(record["valid"])}
+
+
+class PaddedSource:
+  """A source padded with its last record up to `length`; "valid" is False on the padding."""
+
+  def __init__(self, source: LabelledSource, length: int):
+    self.source, self.length = source, length
+
+  def __len__(self) -> int:
+    return self.length
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    record = self.source[min(index, len(self.source) - 1)]
+    return {**record, "valid": index < len(self.source)}
+
+
+def train_dataset(config: ml_collections.ConfigDict, source: LabelledSource, *,
+                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  b = pipeline.local_batch_size(config.batch_size, process_count)
+  ds = grain.MapDataset.source(source).shuffle(seed=pipeline.shuffle_seed(config)).repeat()
+  ds = pipeline.ProcessBlockDataset(ds, config.batch_size, b, process_index)
+  ds = ds.random_map(TrainTransform(config, stored_image_size(source)),
+                     seed=pipeline.shuffle_seed(config) + 1)
+  ds = ds.batch(b, drop_remainder=True)
+  return pipeline._with_workers(ds.to_iter_dataset(pipeline._read_options(config)),  # pylint: disable=protected-access
+                                config.data.num_workers)
+
+
+def eval_num_batches(config: ml_collections.ConfigDict, num_images: int) -> int:
+  return -(-num_images // config.batch_size)
+
+
+def eval_dataset(config: ml_collections.ConfigDict, source: LabelledSource, *,
+                 process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  b = pipeline.local_batch_size(config.batch_size, process_count)
+  padded = PaddedSource(source, eval_num_batches(config, len(source)) * config.batch_size)
+  ds = grain.MapDataset.source(padded)
+  ds = pipeline.ProcessBlockDataset(ds, config.batch_size, b, process_index)
+  ds = ds.map(EvalTransform(config, stored_image_size(source)))
+  return ds.batch(b, drop_remainder=True)
+
+
+def as_batch(batch: dict[str, Any]) -> dict[str, np.ndarray]:
+  """Checks the dtypes the step expects: uint8 images, float32 labels."""
+  images = pipeline.as_numpy_batch(batch["image"])
+  out = {"image": images, "label": np.asarray(batch["label"], np.float32)}
+  if "valid" in batch:
+    out["valid"] = np.asarray(batch["valid"], bool)
+  return out

@@ -1,0 +1,124 @@
+"""Prepared folders of ChestX-ray14, CheXpert and RSNA for the fine-tuning tests.
+
+Raw downloads are written with `data_fixtures` in each dataset's official format and prepared
+with the real `prepare` CLI (32 x 32). Labels are chosen per split, knowing which split each
+patient lands in (`splits.assign_patients`, what prepare uses), so that every class has both
+label values on val and test: the AUC of each class is defined there, as a real run needs.
+Images carry their first label as a brightness offset, so there is something to learn.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+import data_fixtures as fx
+from spcl_jax.data import prepare, splits
+
+SIZE = 32
+NUM_PATIENTS = 50  # 35 / 10 / 5 images in train / val / test
+
+
+def _labels_by_patient(patients: list[str], num_classes: int) -> dict[str, list[int]]:
+  """Within each split, patient j has class k positive iff (j + k) is even."""
+  assignment = splits.assign_patients(patients)
+  position = {name: 0 for name in splits.SPLIT_NAMES}
+  labels = {}
+  for patient in sorted(patients):
+    j = position[assignment[patient]]
+    position[assignment[patient]] += 1
+    labels[patient] = [int((j + k) % 2 == 0) for k in range(num_classes)]
+  return labels
+
+
+def _image(seed: int, first_label: int) -> np.ndarray:
+  image = fx.gradient(64, 64, seed).astype(np.float64)  # prepare refuses sides < 64
+  image = 0.5 * image + (6.0 if first_label else 0.0)  # weaker than the images' own spread
+  return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def _run_prepare(dataset: str, raw: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+  code = prepare.main([dataset, "--src", str(raw), "--out", str(out), "--image-size", str(SIZE),
+                       "--workers", "1"])
+  assert code == 0, f"prepare {dataset} failed"
+  return out
+
+
+def prepared_nih(root: pathlib.Path) -> pathlib.Path:
+  from spcl_jax.data.datasets import nih_chestxray14 as nih
+  patients = [str(p) for p in range(1, NUM_PATIENTS + 1)]
+  labels = _labels_by_patient(patients, len(nih.LABELS))
+  rows = []
+  for patient in patients:
+    name = f"{int(patient):08d}_000.png"
+    findings = "|".join(c for c, y in zip(nih.LABELS, labels[patient]) if y) or "No Finding"
+    rows.append(fx.nih_row(name, findings, int(patient)))
+    fx.write_png(root / "raw/images" / name, _image(int(patient), labels[patient][0]))
+  fx.write_csv(root / "raw/Data_Entry_2017_v2020.csv", fx.NIH_HEADER, rows)
+  # The download's own lists (official scheme): patients 1-10 are the official test set.
+  names = [f"{int(p):08d}_000.png" for p in patients]
+  (root / "raw/test_list.txt").write_text("\n".join(names[:10]) + "\n")
+  (root / "raw/train_val_list.txt").write_text("\n".join(names[10:]) + "\n")
+  return _run_prepare("nih_chestxray14", root / "raw", root / "prepared")
+
+
+def prepared_chexpert(root: pathlib.Path) -> pathlib.Path:
+  from spcl_jax.data.datasets import chexpert
+  prefix = "CheXpert-v1.0-small"
+  patients = [f"patient{p:05d}" for p in range(1, NUM_PATIENTS + 1)]
+  labels = _labels_by_patient(patients, len(chexpert.TASK_LABELS))
+  rows = {"train": [], "valid": []}
+  for number, patient in enumerate(patients, start=1):
+    split = "valid" if number > NUM_PATIENTS - 3 else "train"
+    cells = [""] * len(chexpert.LABELS)
+    for label, y in zip(chexpert.TASK_LABELS, labels[patient]):
+      cells[chexpert.LABELS.index(label)] = "1.0" if y else "0.0"
+    rows[split].append(fx.chexpert_row(prefix, split, number, 1, 1, True, cells))
+    fx.write_jpeg(root / "raw" / prefix / split / f"{patient}/study1/view1_frontal.jpg",
+                  _image(number, labels[patient][0]))
+  for split, csv_name in (("train", "train.csv"), ("valid", "valid.csv")):
+    fx.write_csv(root / "raw" / prefix / csv_name, fx.CHEXPERT_HEADER, rows[split])
+  return _run_prepare("chexpert", root / "raw", root / "prepared")
+
+
+def prepared_rsna(root: pathlib.Path) -> pathlib.Path:
+  patients = [f"{i:08d}-0000-4000-8000-000000000000" for i in range(NUM_PATIENTS)]
+  labels = _labels_by_patient(patients, 1)
+  rows = []
+  for i, patient in enumerate(patients):
+    target = labels[patient][0]
+    rows.append(f"{patient},10.0,20.0,30.0,40.0,1" if target else f"{patient},,,,,0")
+    pixels = _image(i, target).astype(np.uint16) << 4  # 12-bit stored values
+    path = root / "raw/stage_2_train_images" / f"{patient}.dcm"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(fx.dicom_bytes(pixels))
+  fx.write_csv(root / "raw/stage_2_train_labels.csv", "patientId,x,y,width,height,Target", rows)
+  return _run_prepare("rsna_pneumonia", root / "raw", root / "prepared")
+
+
+PREPARED = {"nih14": prepared_nih, "chexpert": prepared_chexpert, "rsna": prepared_rsna}
+
+
+def finetune_config(task: str, prepared: pathlib.Path, **overrides):
+  """configs/finetune/<task>.py shrunk to a test: mu/16 at 32 px, 2 epochs of batch 8."""
+  import importlib
+  config = importlib.import_module(f"spcl_jax.configs.finetune.{task}").get_config()
+  config.data.prepared = str(prepared)
+  config.model.variant = "mu/16"
+  config.model.image_size = SIZE
+  config.model.dtype = "float32"
+  config.batch_size = 8
+  config.epochs = 2
+  config.optim.warmup_epochs = 1
+  config.optim.learning_rate = 1e-3
+  config.data.num_workers = 0
+  config.log_every_steps = 1
+  config.bootstrap_samples = 10
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
