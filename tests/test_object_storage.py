@@ -28,6 +28,8 @@ from configs import demo
 from spcl_jax import checkpoint, train, workdir_lock
 from spcl_jax.configuration import ConfigError
 from spcl_jax.export import export_checkpoint
+from spcl_jax.finetune import trainer as finetune_trainer
+from spcl_jax.finetune.initialization import load_init
 from spcl_jax.workdir_path import as_path, is_url
 
 URL = "gs://spcl-test-bucket/runs/demo"
@@ -159,6 +161,10 @@ def test_gs_workdir_trains_is_killed_resumes_and_exports(fake_gcs, tmp_path, cap
   (written,) = export_checkpoint(URL, "npz", tmp_path / "encoder.npz")
   with np.load(written) as exported:
     assert len(exported.files) > 10
+  init = load_init(URL)  # fine-tuning starts from a gs:// pre-training workdir
+  assert (init.kind, init.path, init.step) == ("spcl", URL, 4)
+  with pytest.raises(ConfigError, match="fine-tuning writes to a local folder"):
+    finetune_trainer.train_and_evaluate(quick_config(), URL + "-finetuned")
   assert not [p for p in pathlib.Path(".").rglob("gs:*")]  # no local 'gs:' folder anywhere
   assert not os.path.exists(pathlib.Path.cwd() / "gs:")
 
