@@ -46,6 +46,11 @@ class FakeGCS(MemoryFileSystem):
     del finalize_on_close
     super().__init__(*args, **kwargs)
 
+  def _open(self, path, mode="rb", **kwargs):
+    if "a" in mode:  # like GCS: an object is written whole, never appended to
+      raise NotImplementedError(f"{path}: GCS objects cannot be appended to")
+    return super()._open(path, mode, **kwargs)
+
   @classmethod
   def _strip_protocol(cls, path):
     path = str(path)
