@@ -31,6 +31,7 @@ from spcl_jax.export import export_checkpoint
 from spcl_jax.finetune import trainer as finetune_trainer
 from spcl_jax.finetune.initialization import load_init
 from spcl_jax.workdir_path import as_path, is_url
+from run_safety_fixtures import BASE, assert_one_error_line, run_main
 
 URL = "gs://spcl-test-bucket/runs/demo"
 
@@ -198,10 +199,13 @@ def test_data_folders_on_gs_fail_at_start_naming_the_copy_command(fake_gcs):
   assert not FakeGCS.store  # nothing written before the config was checked
 
 
-def test_missing_gcs_client_is_one_clear_error(monkeypatch):
+def test_missing_gcs_client_is_one_clear_error(monkeypatch, capsys):
   for protocol in ("gs", "gcs"):  # as on a machine without gcsfs
     monkeypatch.delitem(_fsspec_registry, protocol, raising=False)
   monkeypatch.setitem(sys.modules, "gcsfs", None)
   forget_epath_filesystems()
   with pytest.raises(ImportError, match=r"--workdir 'gs://.*pip install -e '\.\[gcs\]'"):
     train.train_and_evaluate(quick_config(), URL)
+  code, _, err = run_main(capsys, f"--workdir={URL}", *BASE)  # the command: one line, exit 1+
+  assert code != 0
+  assert_one_error_line(err, "pip install -e '.[gcs]' installs gcsfs")
