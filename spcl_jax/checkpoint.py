@@ -234,8 +234,10 @@ def remove_stale_tmp(workdir: str | pathlib.Path) -> list[pathlib.Path]:
   root = checkpoint_dir(workdir)
   stale = sorted(p for p in root.glob(f"*{TMP_MARKER}*")) if root.is_dir() else []
   for path in stale:
-    if is_url(path):
-      path.rmtree() if path.is_dir() else path.unlink()
+    if is_url(path) and path.is_dir():
+      path.rmtree()
+    elif is_url(path):
+      path.unlink()
     elif path.is_dir():
       shutil.rmtree(path, ignore_errors=True)
     else:
