@@ -23,12 +23,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from spcl_jax.workdir_path import as_path, rewrite_text
+
 FILENAME = "accelerator_time.json"
 
 
 def read_accelerator_time(workdir: str | pathlib.Path) -> dict[str, Any] | None:
   """The run's record, or None when the workdir has none (a run from before this file)."""
-  path = pathlib.Path(workdir).expanduser() / FILENAME
+  path = as_path(workdir) / FILENAME
   if not path.is_file():
     return None
   try:
@@ -46,7 +48,7 @@ class AcceleratorClock:
   def __init__(self, workdir: str | pathlib.Path, *, num_devices: int, device_kind: str,
                process_count: int = 1, enabled: bool = True,
                clock: Callable[[], float] = time.monotonic):
-    self.path = pathlib.Path(workdir).expanduser() / FILENAME
+    self.path = as_path(workdir) / FILENAME
     self.enabled = enabled
     self._clock = clock
     self._start = clock()
@@ -80,7 +82,5 @@ class AcceleratorClock:
     self._session["wall_seconds"] = max(0.0, self._clock() - self._start)
     record = self.record()
     if self.enabled:
-      tmp = self.path.with_name(self.path.name + ".tmp")
-      tmp.write_text(json.dumps(record, indent=2) + "\n")
-      tmp.replace(self.path)
+      rewrite_text(self.path, json.dumps(record, indent=2) + "\n")
     return record

@@ -30,6 +30,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from spcl_jax.workdir_path import as_path, is_url
+
 LAYOUT_VERSION = 1
 ITEM_NAMES = ("params", "opt_state", "data", "meta")
 # Where unreadable checkpoints and those after a chosen --restore_step are moved (never deleted).
@@ -64,7 +66,8 @@ def first_non_finite(tree: Any) -> str | None:
 
 
 def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
-  return pathlib.Path(workdir).expanduser().resolve() / "checkpoints"
+  """WORKDIR/checkpoints; a gs:// workdir stays a URL (orbax writes it through tensorstore)."""
+  return as_path(workdir) / "checkpoints"
 
 
 def make_manager(workdir: str | pathlib.Path, *, max_to_keep: int | None = 3,
@@ -122,31 +125,47 @@ def _what_is_wrong(error: BaseException) -> str:
   return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
 
 
+def _files_under(folder: Any) -> list[Any]:
+  """Every file below `folder`, by listing (epath has no recursive glob on object stores)."""
+  files = []
+  if not folder.is_dir():
+    return files
+  for child in folder.iterdir():
+    if child.is_dir():
+      files.extend(_files_under(child))
+    else:
+      files.append(child)
+  return files
+
+
 def _check_json_files(step_dir: pathlib.Path) -> None:
   """orbax reports a cut-short JSON file as a bare JSONDecodeError: name the file instead."""
-  for path in sorted(step_dir.rglob("*")):
-    if path.is_file() and (path.suffix == ".json" or path.name in (
-        "metadata", "_CHECKPOINT_METADATA", "_METADATA")):
+  for path in sorted(_files_under(step_dir), key=str):
+    if path.suffix == ".json" or path.name in ("metadata", "_CHECKPOINT_METADATA", "_METADATA"):
       try:
         json.loads(path.read_bytes())
       except ValueError as e:
+        inside = str(path)[len(str(step_dir)) + 1:]
         raise CorruptCheckpointError(
-            f"checkpoint {str(step_dir)!r}: {str(path.relative_to(step_dir))!r} is not valid "
-            f"JSON ({e})") from None
+            f"checkpoint {str(step_dir)!r}: {inside!r} is not valid JSON ({e})") from None
 
 
 def _move_aside(workdir: pathlib.Path, step: int, folder: str) -> pathlib.Path:
-  target_root = pathlib.Path(workdir) / folder
-  target_root.mkdir(exist_ok=True)
+  target_root = as_path(workdir) / folder
+  target_root.mkdir(parents=True, exist_ok=True)
   target = target_root / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-  shutil.move(str(checkpoint_dir(workdir) / str(step)), str(target))
+  source = checkpoint_dir(workdir) / str(step)
+  if is_url(source):
+    source.rename(target)  # epath: a recursive copy + delete on an object store
+  else:
+    shutil.move(str(source), str(target))
   return target
 
 
 def restore_checked(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
                     abstract_opt_state: Any, data_iterator: Any) -> tuple[Any, Any, int]:
   """`restore`, turning any failure and any non-finite value into CorruptCheckpointError."""
-  step_dir = pathlib.Path(manager.directory) / str(step)
+  step_dir = as_path(manager.directory) / str(step)
   where = f"checkpoint {str(step_dir)!r}"
   _check_json_files(step_dir)
   try:
@@ -173,7 +192,7 @@ def restore_intact(workdir: str | pathlib.Path, manager: ocp.CheckpointManager,
   WORKDIR/checkpoints_superseded/: the run continues from the chosen step and will write those
   steps again.
   """
-  workdir = pathlib.Path(workdir)
+  workdir = as_path(workdir)
   present = sorted(manager.all_steps())
   if chosen_step is not None:
     if chosen_step not in present:
@@ -215,7 +234,11 @@ def remove_stale_tmp(workdir: str | pathlib.Path) -> list[pathlib.Path]:
   root = checkpoint_dir(workdir)
   stale = sorted(p for p in root.glob(f"*{TMP_MARKER}*")) if root.is_dir() else []
   for path in stale:
-    if path.is_dir():
+    if is_url(path) and path.is_dir():
+      path.rmtree()
+    elif is_url(path):
+      path.unlink()
+    elif path.is_dir():
       shutil.rmtree(path, ignore_errors=True)
     else:
       path.unlink(missing_ok=True)

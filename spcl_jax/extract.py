@@ -29,6 +29,7 @@ from spcl_jax.atomic_file import check_writable, write_atomically
 from spcl_jax.cli_errors import run_command
 from spcl_jax.data import sources
 from spcl_jax.pretrained import PretrainedEncoder, load_pretrained
+from spcl_jax.workdir_path import as_path
 
 PREPARED_KIND = "prepared"
 
@@ -104,7 +105,7 @@ def write_features(features: dict[str, np.ndarray], pretrained: PretrainedEncode
   provenance = dict(step=np.int64(pretrained.step),
                     variant=np.asarray(pretrained.info["model"]["variant"]),
                     image_size=np.int64(pretrained.image_size),
-                    workdir=np.asarray(str(pretrained.workdir.resolve())))
+                    workdir=np.asarray(str(as_path(pretrained.workdir))))
   def write(tmp: pathlib.Path) -> None:
     with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to other names
       np.savez(f, **features, **provenance)

@@ -19,7 +19,8 @@ config_flags.DEFINE_config_file("config", None,
                                 "Python config file (configs/*.py, or your own building on "
                                 "spcl_jax.configs).",
                                 lock_config=True)
-flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and config.json go.")
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and config.json go: a "
+                    "folder, or a gs:// URL (pip install -e '.[gcs]').")
 flags.DEFINE_bool("distributed", False,
                   "Call jax.distributed.initialize() (auto-detects SLURM, TPU pods, MPI; "
                   "else give --coordinator_address, --num_processes, --process_id).")

@@ -20,6 +20,7 @@ import ml_collections
 
 from spcl_jax.masking import view_size
 from spcl_jax.models.vit import variant_dims
+from spcl_jax.workdir_path import as_path, is_url, rewrite_text
 
 # Dense bf16 peak FLOP/s per device, by a substring of jax's `device_kind` (lowercase), first
 # match wins. Override with config.peak_flops_per_device for anything not listed.
@@ -113,10 +114,37 @@ def drop_rows_from(path: pathlib.Path, first_new_step: int) -> int:
     else:
       dropped += 1
   if dropped:
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    tmp.replace(path)
+    rewrite_text(path, "".join(line + "\n" for line in kept))
   return dropped
+
+
+class _JsonLines:
+  """metrics.jsonl, one line per write, readable after every write (a kill loses nothing).
+
+  Locally an appended, flushed file; on an object store (no append) the object is rewritten
+  whole on each write, from the rows held here (the whole log, ~0.5 KB per row: some 100
+  KB per write after 200 log lines; once per log_every_steps, which is small against a step).
+  """
+
+  def __init__(self, path: pathlib.Path | Any):
+    self.path = path
+    self._rewrite = is_url(path)
+    if self._rewrite:
+      self._text = path.read_text(encoding="utf-8") if path.exists() else ""
+    else:
+      self._file = open(path, "a", encoding="utf-8")
+
+  def write(self, line: str) -> None:
+    if self._rewrite:
+      self._text += line + "\n"
+      rewrite_text(self.path, self._text)
+    else:
+      self._file.write(line + "\n")
+      self._file.flush()
+
+  def close(self) -> None:
+    if not self._rewrite:
+      self._file.close()
 
 
 class MetricsWriter:
@@ -138,23 +166,29 @@ class MetricsWriter:
     self._jsonl = None
     self._tb = None
     if enabled:
-      workdir = pathlib.Path(workdir)
+      workdir = as_path(workdir)
       workdir.mkdir(parents=True, exist_ok=True)
       if first_new_step is not None:
         drop_rows_from(workdir / "metrics.jsonl", first_new_step)
-      self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(str(workdir / "tensorboard"), flush_secs=30,
-                               purge_step=first_new_step)
+      self._jsonl = _JsonLines(workdir / "metrics.jsonl")
+      if is_url(workdir):
+        # tensorboardX writes to gs:// only through extra Google Cloud packages, and its
+        # purge_step (dropping redone steps) needs an appendable file: no events here.
+        print(f"TensorBoard: no event files for the object-store workdir {workdir}; every value "
+              "is in metrics.jsonl", flush=True)
+      else:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        self._tb = SummaryWriter(str(workdir / "tensorboard"), flush_secs=30,
+                                 purge_step=first_new_step)
 
   def write(self, step: int, values: dict[str, Any]) -> None:
     if not self.enabled:
       return
     record = {"step": int(step), **{k: _json_value(v) for k, v in values.items()}}
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    self._jsonl.write(json.dumps(record))
     for key, value in values.items():
-      if isinstance(value, (int, float)) and value is not None and math.isfinite(value):
+      if (self._tb is not None and isinstance(value, (int, float)) and value is not None
+          and math.isfinite(value)):
         self._tb.add_scalar(key, value, global_step=int(step))
 
   def progress(self, step: int, values: dict[str, Any], extra_keys: Sequence[str] = ()) -> None:

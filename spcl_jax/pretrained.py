@@ -20,6 +20,7 @@ import numpy as np
 from spcl_jax import checkpoint
 from spcl_jax.models.vit import VisionTransformer, build_encoder
 from spcl_jax.run_info import read_run_info
+from spcl_jax.workdir_path import as_path, check_store_client
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +65,8 @@ def load_pretrained(workdir: str | pathlib.Path, step: int | None = None,
 
   Errors name the workdir, the file or the parameter that is wrong.
   """
-  workdir = pathlib.Path(workdir).expanduser()
+  workdir = as_path(workdir)
+  check_store_client(workdir)
   if not workdir.is_dir():
     raise FileNotFoundError(f"--workdir {str(workdir)!r} does not exist or is not a directory")
   info = read_run_info(workdir)

@@ -28,6 +28,7 @@ import spcl_jax
 from spcl_jax.checkpoint import LAYOUT_VERSION
 from spcl_jax.configuration import ConfigError
 from spcl_jax.models.vit import current_variant_name, variant_dims
+from spcl_jax.workdir_path import append_line, as_path, rewrite_text
 
 FILENAME = "config.json"
 HISTORY_FILENAME = "history.jsonl"
@@ -90,7 +91,7 @@ def describe_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def read_run_info(workdir: str | pathlib.Path) -> dict[str, Any]:
-  path = pathlib.Path(workdir).expanduser() / FILENAME
+  path = as_path(workdir) / FILENAME
   if not path.is_file():
     raise FileNotFoundError(f"{str(path)!r} not found: is {str(workdir)!r} an spcl-jax workdir?")
   try:
@@ -117,7 +118,7 @@ def write_run_info(workdir: str | pathlib.Path, config: ml_collections.ConfigDic
 
   An existing config.json is never rewritten: it stays the original (history.jsonl has the rest).
   """
-  path = pathlib.Path(workdir).expanduser() / FILENAME
+  path = as_path(workdir) / FILENAME
   new = describe_run(config)
   if path.is_file():
     old = read_run_info(workdir)
@@ -128,14 +129,12 @@ def write_run_info(workdir: str | pathlib.Path, config: ml_collections.ConfigDic
             f"gives {new[key]}; resume with the original settings or use a new --workdir")
     return
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
-  tmp.replace(path)
+  rewrite_text(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
 
 
 def read_history(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
   """The starts recorded so far (a line cut short by a kill is skipped)."""
-  path = pathlib.Path(workdir).expanduser() / HISTORY_FILENAME
+  path = as_path(workdir) / HISTORY_FILENAME
   if not path.is_file():
     return []
   entries = []
@@ -164,7 +163,7 @@ def check_resume(workdir: str | pathlib.Path, config: ml_collections.ConfigDict,
   Changes nothing on disk (it runs before the workdir is written). Also checks config.json
   describes the same model (`write_run_info`'s rule) and that `allowed` names real fields.
   """
-  workdir = pathlib.Path(workdir).expanduser()
+  workdir = as_path(workdir)
   new = flatten(json.loads(config.to_json_best_effort()))
   for field in allowed:
     if not any(_matches(f, field) for f in new):
@@ -203,7 +202,7 @@ def record_start(workdir: str | pathlib.Path, config: ml_collections.ConfigDict,
                  start_step: int, changes: Sequence[dict[str, Any]],
                  restored_from: int | None) -> None:
   """Writes config.json at the first start and appends this start to history.jsonl."""
-  workdir = pathlib.Path(workdir).expanduser()
+  workdir = as_path(workdir)
   write_run_info(workdir, config)
   for change in changes:
     note = FREE_WITH_WARNING.get(change["field"])
@@ -216,5 +215,4 @@ def record_start(workdir: str | pathlib.Path, config: ml_collections.ConfigDict,
       "restored_from": restored_from, "spcl_jax_version": spcl_jax.__version__,
       "changes": list(changes), "config": json.loads(config.to_json_best_effort()),
   }
-  with open(workdir / HISTORY_FILENAME, "a", encoding="utf-8") as f:
-    f.write(json.dumps(entry, sort_keys=True) + "\n")
+  append_line(workdir / HISTORY_FILENAME, json.dumps(entry, sort_keys=True))

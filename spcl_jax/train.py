@@ -35,6 +35,7 @@ from spcl_jax.configuration import ConfigError, resolve_batch_size, validate_con
 from spcl_jax.preemption import StopRequest
 from spcl_jax.data import pipeline
 from spcl_jax.data.sources import open_source
+from spcl_jax.workdir_path import as_path, check_store_client
 
 log = logging.getLogger("spcl_jax")
 
@@ -141,7 +142,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   `restore_step` resumes from that checkpoint instead of the newest intact one;
   `allow_config_changes` names locked config fields this resume may change (run_info.LOCKED).
   """
-  workdir = pathlib.Path(workdir).expanduser().resolve()
+  workdir = as_path(workdir)  # a gs:// URL stays a URL (never a local folder 'gs:')
+  check_store_client(workdir)
   is_main = jax.process_index() == 0
   mesh, config = _validated_mesh(config)
   # Read-only: a resume that changes a locked field or the model fails before any work.

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from spcl_jax import cli_errors
+from spcl_jax.workdir_path import as_path
 
 NO_FINDING, DISEASE, UNLABELLED = "No Finding", "Disease", "all images"
 MIN_POINTS = 4  # t-SNE needs a few neighbours per point
@@ -202,7 +203,7 @@ def features_from_workdir(args: argparse.Namespace):
   feats = extract.extract_features(pretrained, source, batch_size=args.batch_size,
                                    mean_patch=args.feature == "mean_patch",
                                    progress=not args.no_progress)
-  where = f"{pretrained.workdir.resolve().name} @ step {pretrained.step}"
+  where = f"{as_path(pretrained.workdir).name} @ step {pretrained.step}"
   return feats["names"].tolist(), feats[args.feature], where
 
 

@@ -36,6 +36,7 @@ from spcl_jax.data.datasets import dataset_module
 from spcl_jax.data.datasets import manifest as mf
 from spcl_jax.data.datasets import records
 from spcl_jax.data.sources import register_source
+from spcl_jax.workdir_path import require_local
 
 _OPTIONS = {"split": "all", "views": "frontal", "fraction": "100"}
 _FRACTION_FILES = {"100": "train", "10": "train_10pct", "1": "train_1pct"}
@@ -84,6 +85,7 @@ class PreparedFolder:
   """The parts of OUT_DIR that every reader needs: report, records index, TFDS data source."""
 
   def __init__(self, out_dir: str | pathlib.Path):
+    require_local(out_dir, "prepared folder")
     self.out_dir = pathlib.Path(out_dir).expanduser()
     report_path = self.out_dir / "report.json"
     if not report_path.is_file():

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from spcl_jax.data import decode
+from spcl_jax.workdir_path import require_local
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _MIN_SIDE_OPTION = re.compile(r",\s*min_side=([^,]*)$")
@@ -45,6 +46,7 @@ class FolderSource:
   """
 
   def __init__(self, root: str | os.PathLike[str], min_side: int = decode.MIN_IMAGE_SIDE):
+    require_local(root, "config.data.source: folder")
     self.root = pathlib.Path(root).expanduser()
     self.min_side = min_side
     if not self.root.is_dir():

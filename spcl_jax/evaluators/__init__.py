@@ -28,6 +28,7 @@ import jax
 import ml_collections
 
 from spcl_jax.configuration import ConfigError
+from spcl_jax.workdir_path import as_path
 
 BUILT_IN = ("pair_retrieval", "linear_probe", "knn")
 _REGISTRY: dict[str, Callable[..., Any]] = {}
@@ -144,7 +145,7 @@ class Evaluators:
     if not self.is_main or not self.scheduled:
       return
     listing = {s.name: s.evaluator.images() for s in self.scheduled}
-    path = pathlib.Path(workdir) / "eval_images.json"
+    path = as_path(workdir) / "eval_images.json"
     path.write_text(json.dumps(listing, indent=1) + "\n")
 
   def run_due(self, step: int, params: Any, *, first: bool = False,

@@ -20,6 +20,7 @@ from spcl_jax.atomic_file import check_writable
 from spcl_jax.export import classifier, layout, medical_mae, npz_format, timm_format
 from spcl_jax.pretrained import PretrainedEncoder, load_pretrained
 from spcl_jax.run_info import read_run_info
+from spcl_jax.workdir_path import as_path, check_store_client
 
 # The file each format writes (timm's JSON sidecar goes beside its .safetensors).
 SUFFIXES = {"timm": ".safetensors", "medical_mae": ".pth", "npz": ".npz"}
@@ -71,7 +72,8 @@ def export_checkpoint(workdir: str | os.PathLike[str], export_format: str,
                       in_chans: int | None = None) -> list[pathlib.Path]:
   """Restores checkpoint `step` (None: latest) of `workdir` and exports it."""
   check_request(export_format, pathlib.Path(out).expanduser(), in_chans)
-  if not pathlib.Path(workdir).expanduser().is_dir():
+  check_store_client(workdir)
+  if not as_path(workdir).is_dir():  # a gs:// workdir stays a URL
     raise FileNotFoundError(f"--workdir {str(workdir)!r} does not exist or is not a directory")
   info = read_run_info(workdir)
   if "segmenter" in info:

@@ -25,6 +25,7 @@ import spcl_jax
 from spcl_jax.atomic_file import write_atomically
 from spcl_jax.export.layout import timm_kwargs, timm_state_dict
 from spcl_jax.pretrained import PretrainedEncoder
+from spcl_jax.workdir_path import as_path
 
 
 def sidecar_path(out: str | os.PathLike[str]) -> pathlib.Path:
@@ -48,7 +49,7 @@ def describe_export(pretrained: PretrainedEncoder, export_format: str, in_chans:
       "features": "forward_features(x)[:, 0]: the pre-trained CLS embedding, after the final "
                   "norm (no projection head)",
       "source": {
-          "workdir": str(pretrained.workdir.resolve()), "step": pretrained.step,
+          "workdir": str(as_path(pretrained.workdir)), "step": pretrained.step,
           "variant": pretrained.info["model"]["variant"],
           "spcl_jax_version": spcl_jax.__version__,
       },

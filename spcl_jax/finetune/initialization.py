@@ -14,11 +14,12 @@ it too, `fc_norm=True`); with 'cls' it is kept.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from typing import Any
 
 import flax
 import numpy as np
+
+from spcl_jax.workdir_path import as_path, is_url
 
 FILE_KINDS = {".safetensors": "timm", ".pth": "medical_mae", ".pt": "medical_mae",
               ".npz": "big_vision"}
@@ -40,13 +41,13 @@ def load_init(init: str, init_step: int = -1, image_size: int | None = None) -> 
   """Reads `config.init`; errors name the field and the path."""
   if init == "random":
     return Init("random", None, None, None, None)
-  path = pathlib.Path(init).expanduser()
+  path = as_path(init)  # absolute; a gs:// pre-training workdir stays a URL
   if path.is_dir():
     from spcl_jax.pretrained import load_pretrained  # pylint: disable=g-import-not-at-top
     pretrained = load_pretrained(path, None if init_step < 0 else init_step)
-    return Init("spcl", str(path.resolve()), pretrained.step, pretrained.params,
+    return Init("spcl", str(path), pretrained.step, pretrained.params,
                 (pretrained.mean, pretrained.std))
-  if path.suffix in FILE_KINDS and path.is_file():
+  if path.suffix in FILE_KINDS and not is_url(path) and path.is_file():
     from spcl_jax.export import importing  # pylint: disable=g-import-not-at-top
     params, info = importing.import_encoder(path, in_chans=1, image_size=image_size)
     if not info["pos_embedding_is_sincos"]:
