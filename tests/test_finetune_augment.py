@@ -207,8 +207,8 @@ def _timm_auto_augment():
   """timm's auto_augment.py loaded on its own: it needs only Pillow and NumPy, whereas
   importing it through the timm package would import torch (seconds)."""
   spec = importlib.util.find_spec("timm")
-  if spec is None:
-    pytest.skip("timm is not installed (the torch extra)")
+  # The suite needs the torch extra (the export tests import timm too): fail, never skip.
+  assert spec is not None, "timm is missing: pip install -e '.[test,torch]'"
   path = pathlib.Path(spec.submodule_search_locations[0]) / "data" / "auto_augment.py"
   module_spec = importlib.util.spec_from_file_location("timm_auto_augment_alone", path)
   module = importlib.util.module_from_spec(module_spec)
