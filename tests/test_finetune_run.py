@@ -222,3 +222,16 @@ def test_official_scheme_reads_the_official_split_files(prepared):
       f"{p:08d}_000.png" for p in range(1, 11)}
   assert set(data.split_hashes(sources)) == {"official_train_10pct", "official_val",
                                              "official_test"}
+
+
+def test_selection_keeps_the_best_val_epoch_and_the_first_of_equal_ones(tmp_path):
+  from spcl_jax.finetune.trainer import Selection
+  selection = Selection(tmp_path / "selection.json")
+  assert selection.best_epoch is None
+  selection.history = {1: {"macro_auc": 0.61}, 2: {"macro_auc": 0.74}, 3: {"macro_auc": 0.74},
+                       4: {"macro_auc": 0.55}}
+  assert selection.best_epoch == 2
+  selection.save()
+  assert Selection(tmp_path / "selection.json").best_epoch == 2  # read back after a restart
+  selection.keep_until(1)
+  assert selection.best_epoch == 1
