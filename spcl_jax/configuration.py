@@ -8,7 +8,8 @@ import ml_collections
 from spcl_jax import losses, masking
 from spcl_jax.data.decode import resize_filter_names
 from spcl_jax.data.sources import check_source_spec
-from spcl_jax.models.vit import variant_dims
+from spcl_jax.models.attention import ATTENTION_IMPLS
+from spcl_jax.models.vit import REMAT_POLICIES, variant_dims
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 ACCUMULATION_MODES = ("cached", "plain")
@@ -45,9 +46,16 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
            "images, so 1 (export can write 3-channel weights)")
   _require(config.model.dtype in COMPUTE_DTYPES,
            f"config.model.dtype={config.model.dtype!r} must be one of {COMPUTE_DTYPES}")
-  _require(config.model.attention_impl in ("", "xla", "cudnn"),
-           f"config.model.attention_impl={config.model.attention_impl!r} must be '', 'xla' "
-           "or 'cudnn'")
+  _require(config.model.attention_impl in ("", *ATTENTION_IMPLS),
+           f"config.model.attention_impl={config.model.attention_impl!r} must be one of "
+           f"{', '.join(ATTENTION_IMPLS)}")
+  multiple = config.model.get("attention_seq_multiple", 0)
+  _require(isinstance(multiple, int) and multiple >= 0,
+           f"config.model.attention_seq_multiple={multiple!r} must be 0 (the kernel's own need) "
+           "or a positive token multiple")
+  remat = config.model.remat
+  _require(isinstance(remat, bool) or remat in REMAT_POLICIES,
+           f"config.model.remat={remat!r} must be one of {', '.join(REMAT_POLICIES)}")
 
 
 def _check_spcl(config: ml_collections.ConfigDict) -> None:

@@ -55,7 +55,7 @@ def model_from_run_info(info: dict[str, Any], dtype: str = "float32") -> VisionT
   model = info["model"]
   model_config = ml_collections.ConfigDict(dict(
       variant=model["variant"], image_size=model["image_size"], channels=model["channels"],
-      dtype=dtype, attention_impl="", remat=False))
+      dtype=dtype, attention_impl="auto", remat="none"))
   return build_encoder(model_config)
 
 

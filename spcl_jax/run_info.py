@@ -40,7 +40,7 @@ LOCKED = ("seed", "model.", "spcl.", "batch_size", "batch_size_per_device", "gra
           "data.source", "data.mean", "data.std", "data.resize_filter", "data.shuffle_seed")
 FREE = ("total_steps", "log_every_steps", "eval_every_steps", "eval_batches",
         "checkpoint_every_steps", "max_checkpoints_to_keep", "model.remat",
-        "model.attention_impl", "data.num_workers", "data.read_threads",
+        "model.attention_impl", "model.attention_seq_multiple", "data.num_workers", "data.read_threads",
         "data.prefetch_buffer_size", "sharding.", "peak_flops_per_device",
         "evals.")  # evaluators read the state, never change it
 # Free, but the learning-rate schedule is a function of it: say so.

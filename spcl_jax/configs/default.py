@@ -22,8 +22,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.image_size = 512
   config.model.channels = 1
   config.model.dtype = "bfloat16"  # computation dtype; parameters are always float32
-  config.model.attention_impl = ""  # '' lets XLA choose; 'cudnn' for the fused GPU kernel
-  config.model.remat = False       # recompute block activations in the backward pass
+  # 'auto': cuDNN's fused flash attention on NVIDIA GPUs (bf16), XLA elsewhere; or 'xla', 'cudnn'
+  config.model.attention_impl = "auto"
+  config.model.attention_seq_multiple = 0  # pad attention's tokens to this; 0: the kernel's need
+  config.model.remat = "none"      # 'none', 'full' or 'save_dots' (models/vit.REMAT_POLICIES)
 
   config.spcl = ml_collections.ConfigDict()
   config.spcl.mask_ratio = 0.6         # fraction of the N patches dropped (docs/method.md §2)

@@ -11,7 +11,7 @@ def get_config():
   config.model.variant = "L/16"
   config.model.image_size = 512
   config.model.dtype = "bfloat16"
-  config.model.remat = True
+  config.model.remat = "full"
   config.spcl.mask_ratio = 0.6
   config.batch_size = 512
   config.total_steps = 100_000

@@ -25,6 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spcl_jax.models.attention import (
+    DEFAULT_SEQ_MULTIPLE, dot_product_attention, resolve_attention_impl, token_counts_of)
+
 Dtype = Any
 
 # name: (width D, depth, heads, mlp dim)
@@ -95,16 +98,6 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
   return x.reshape(b, (h // p) * (w // p), p * p * c)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          implementation: str | None = None) -> jax.Array:
-  """softmax(q k^T / sqrt(d)) v over (B, L, heads, head_dim): the one place to swap kernels.
-
-  `implementation` is passed to `jax.nn.dot_product_attention`: None lets XLA choose,
-  'cudnn' asks for the fused flash kernel on NVIDIA GPUs, 'xla' forces the plain einsums.
-  """
-  return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
-
-
 def _dense_init(names: tuple[str | None, ...]) -> Callable[..., jax.Array]:
   return nn.with_logical_partitioning(nn.initializers.xavier_uniform(), names)
 
@@ -126,10 +119,11 @@ class MultiHeadDotProductAttention(nn.Module):
 
   num_heads: int
   dtype: Dtype = jnp.float32
-  attention_impl: str | None = None
+  attention_impl: str = "xla"  # resolved: 'xla' or 'cudnn' (resolve_attention_impl)
+  seq_multiple: int = 1  # the kernel's sequence is padded to a multiple of this
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, token_counts: jax.Array | None = None) -> jax.Array:
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
@@ -140,7 +134,7 @@ class MultiHeadDotProductAttention(nn.Module):
     q = project_in(name="query")(x)
     k = project_in(name="key")(x)
     v = project_in(name="value")(x)
-    y = dot_product_attention(q, k, v, self.attention_impl)
+    y = dot_product_attention(q, k, v, self.attention_impl, token_counts, self.seq_multiple)
     return nn.DenseGeneral(
         features=width, axis=(-2, -1), dtype=self.dtype, name="out",
         kernel_init=_dense_init(("heads", "kv", "embed")), bias_init=_zeros(("embed",)))(y)
@@ -189,18 +183,49 @@ class Encoder1DBlock(nn.Module):
   num_heads: int
   mlp_dim: int
   dtype: Dtype = jnp.float32
-  attention_impl: str | None = None
+  attention_impl: str = "xla"
+  seq_multiple: int = 1
   drop_path: float = 0.0
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool = True,
+               token_counts: jax.Array | None = None) -> jax.Array:
     y = _layer_norm("LayerNorm_0", self.dtype)(x)
     y = MultiHeadDotProductAttention(self.num_heads, self.dtype, self.attention_impl,
-                                     name="MultiHeadDotProductAttention_0")(y)
+                                     self.seq_multiple,
+                                     name="MultiHeadDotProductAttention_0")(y, token_counts)
     x = x + DropPath(self.drop_path)(y, deterministic)
     y = _layer_norm("LayerNorm_1", self.dtype)(x)
     y = MlpBlock(self.mlp_dim, self.dtype, name="MlpBlock_0")(y)
     return x + DropPath(self.drop_path)(y, deterministic)
+
+
+# Rematerialisation: what each block keeps for the backward pass and what it recomputes.
+# 'full' keeps only the block's input (the memory of one block instead of all, ~1/3 more
+# compute); 'save_dots' keeps the outputs of the weight matmuls (projections, MLP) and
+# recomputes the rest: the layer norms, GELU and the attention itself, whose (L, L)
+# logits are what costs memory. `True`/`False` are the old spellings of 'full'/'none'.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_policy_name(remat: bool | str) -> str:
+  if isinstance(remat, bool):
+    return "full" if remat else "none"
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"config.model.remat={remat!r} must be one of {', '.join(REMAT_POLICIES)}")
+  return remat
+
+
+def remat_block(remat: bool | str) -> type[nn.Module]:
+  name = remat_policy_name(remat)
+  if name == "none":
+    return Encoder1DBlock
+  # static_argnums counts self: argument 2 is `deterministic`, a Python bool.
+  return nn.remat(Encoder1DBlock, static_argnums=(2,), policy=REMAT_POLICIES[name])
 
 
 def drop_path_rates(depth: int, max_rate: float) -> list[float]:
@@ -215,8 +240,9 @@ class Transformer(nn.Module):
   num_heads: int
   mlp_dim: int
   dtype: Dtype = jnp.float32
-  attention_impl: str | None = None
-  remat: bool = False
+  attention_impl: str = "xla"
+  seq_multiple: int = 1
+  remat: str = "none"  # a name in REMAT_POLICIES
   drop_path_rate: float = 0.0
   final_norm: bool = True  # False: tokens before encoder_norm (fine-tuning's avg pool + fc_norm)
   # Non-empty: return the outputs of these blocks (a list; segmentation's feature pyramid), the
@@ -224,16 +250,15 @@ class Transformer(nn.Module):
   return_blocks: tuple[int, ...] = ()
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array | list[jax.Array]:
-    # Rematerialisation recomputes each block's activations in the backward pass: the memory
-    # of one block instead of all of them, for ~1/3 more compute.
-    block_cls = (nn.remat(Encoder1DBlock, static_argnums=(2,)) if self.remat
-                 else Encoder1DBlock)
+  def __call__(self, x: jax.Array, deterministic: bool = True,
+               token_counts: jax.Array | None = None) -> jax.Array | list[jax.Array]:
+    block_cls = remat_block(self.remat)
     rates = drop_path_rates(self.depth, self.drop_path_rate)
     outputs = {}
     for i in range(self.depth):  # unrolled: parameter names match big_vision's checkpoints
-      x = block_cls(self.num_heads, self.mlp_dim, self.dtype, self.attention_impl, rates[i],
-                    name=f"encoderblock_{i}")(x, deterministic)
+      x = block_cls(self.num_heads, self.mlp_dim, self.dtype, self.attention_impl,
+                    self.seq_multiple, rates[i], name=f"encoderblock_{i}")(
+                        x, deterministic, token_counts)
       outputs[i] = x
     if self.return_blocks:
       last = self.depth - 1
@@ -260,8 +285,9 @@ class VisionTransformer(nn.Module):
   image_size: int
   channels: int = 1
   dtype: Dtype = jnp.float32
-  attention_impl: str | None = None
-  remat: bool = False
+  attention_impl: str = "xla"  # resolved ('xla' or 'cudnn'): build_encoder resolves 'auto'
+  seq_multiple: int = 1  # attention pads its sequence to a multiple of this
+  remat: bool | str = "none"  # a name in REMAT_POLICIES
   drop_path_rate: float = 0.0  # stochastic depth of the last block (fine-tuning; 0 pre-training)
   final_norm: bool = True
   return_blocks: tuple[int, ...] = ()  # see Transformer: segmentation's block outputs
@@ -287,8 +313,9 @@ class VisionTransformer(nn.Module):
     cls = jnp.broadcast_to(cls.astype(tokens.dtype), (tokens.shape[0], 1, d))
     x = jnp.concatenate([cls, tokens], axis=1)
     return Transformer(self.depth, self.num_heads, self.mlp_dim, self.dtype,
-                       self.attention_impl, self.remat, self.drop_path_rate, self.final_norm,
-                       tuple(self.return_blocks), name="Transformer")(x, deterministic)
+                       self.attention_impl, self.seq_multiple, self.remat,
+                       self.drop_path_rate, self.final_norm, tuple(self.return_blocks),
+                       name="Transformer")(x, deterministic, token_counts_of(positions))
 
 
 class PatchEmbedding(nn.Module):
@@ -323,18 +350,25 @@ def _conv_lecun_init(fan_in: int) -> Callable[..., jax.Array]:
 
 
 def build_encoder(model_config: Any, dtype: Dtype | None = None) -> VisionTransformer:
-  """`config.model` (variant, image_size, channels, dtype, attention_impl, remat) -> module."""
+  """`config.model` (variant, image_size, channels, dtype, attention_impl,
+  attention_seq_multiple, remat) -> module, with the attention kernel chosen for this device."""
   dims = variant_dims(model_config.variant)
   if model_config.image_size % dims["patch_size"]:
     raise ValueError(f"config.model.image_size={model_config.image_size} is not a multiple of "
                      f"the patch size {dims['patch_size']}")
+  dtype = jnp.dtype(dtype or model_config.dtype)
+  implementation = resolve_attention_impl(model_config.get("attention_impl", "auto"), dtype,
+                                          dims["width"] // dims["num_heads"])
+  seq_multiple = (model_config.get("attention_seq_multiple", 0)
+                  or DEFAULT_SEQ_MULTIPLE[implementation])
   return VisionTransformer(
       **dims,
       image_size=model_config.image_size,
       channels=model_config.get("channels", 1),
-      dtype=jnp.dtype(dtype or model_config.dtype),
-      attention_impl=model_config.get("attention_impl") or None,
-      remat=model_config.get("remat", False))
+      dtype=dtype,
+      attention_impl=implementation,
+      seq_multiple=seq_multiple,
+      remat=remat_policy_name(model_config.get("remat", "none")))
 
 
 def encode_images(model: VisionTransformer, params: Any, images: jax.Array) -> jax.Array:

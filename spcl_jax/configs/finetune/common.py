@@ -42,8 +42,9 @@ def get_config(task: str, prepared: str, image_size_preset: str | None = None
   config.model.image_size = 224       # main_finetune_chestxray.py --input_size
   config.model.channels = 1
   config.model.dtype = "bfloat16"     # compute dtype (Medical MAE trains with AMP)
-  config.model.attention_impl = ""
-  config.model.remat = False
+  config.model.attention_impl = "auto"
+  config.model.attention_seq_multiple = 0
+  config.model.remat = "none"
   config.model.pool = "avg"           # avg (models_vit.py global_pool + fc_norm) | cls
   config.model.drop_path_rate = 0.2   # main_finetune_chestxray.py --drop_path
 
