@@ -75,3 +75,15 @@ def test_input_bench_reports_rates(mimic_all_views, capsys):
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert result["data"]["images"] == 6
   assert result["one_core"]["images_per_s"] > 0 and result["pipeline"]["images_per_s"] > 0
+  for rates in (result["one_core"], result["pipeline"]):
+    per_core = rates.get("images_per_s_per_worker", rates["images_per_s"])
+    assert rates["cores_for_target"] == bench_input.cores_for_rate(2300, per_core)
+
+
+def test_cores_for_rate_rounds_up():
+  from spcl_jax.bench import input as bench_input
+  assert bench_input.cores_for_rate(2300, 250) == 10
+  assert bench_input.cores_for_rate(2300, 230) == 10
+  assert bench_input.cores_for_rate(2300, 229.9) == 11
+  with pytest.raises(ValueError, match="positive"):
+    bench_input.cores_for_rate(2300, 0)

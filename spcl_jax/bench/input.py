@@ -3,6 +3,8 @@
   python -m spcl_jax.bench input --data OUT_DIR [--workers N] [--seconds 10] [--split all]
       images/s on one core (source read + decode in this process, no pipeline) and through the
       training input pipeline with N grain worker processes (shuffled reads, decode, batching).
+      With --target-rate R (default 2300, one H200's vitb512 step), also the CPU cores that
+      would feed R images/s per accelerator at each measured per-core rate.
   python -m spcl_jax.bench input --formats [--image-size 512]
       JPEG quality 95 vs lossless PNG on the bundled sample radiographs: bytes per image,
       encode ms, decode images/s on one core, PSNR. This is what chose the default encoding.
@@ -90,6 +92,17 @@ def pipeline_rate(source, image_size: int, workers: int, seconds: float,
           "images_per_s_per_worker": count / elapsed / max(1, workers)}
 
 
+# images/s one accelerator consumes at the performance target (vitb512, batch 256, one H200).
+TARGET_IMAGES_PER_S = 2300.0
+
+
+def cores_for_rate(target_images_per_s: float, images_per_s_per_core: float) -> int:
+  """Cores (decode workers) that feed `target_images_per_s` at the measured per-core rate."""
+  if images_per_s_per_core <= 0:
+    raise ValueError(f"a per-core rate must be positive, got {images_per_s_per_core}")
+  return int(np.ceil(target_images_per_s / images_per_s_per_core))
+
+
 def _sample_images(image_size: int) -> list[np.ndarray]:
   paths = sorted(SAMPLE_DIR.glob("*.png"))
   return [decode.decode_image({"name": p.name, "encoded": p.read_bytes()}, image_size)
@@ -143,6 +156,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--formats", action="store_true",
                       help="compare JPEG q95 and PNG on the bundled sample images")
   parser.add_argument("--image-size", type=int, default=512, help="for --formats")
+  parser.add_argument("--target-rate", type=float, default=TARGET_IMAGES_PER_S,
+                      help="images/s per accelerator to feed (default: %(default)g)")
   args = parser.parse_args(argv)
   if not args.data and not args.formats:
     parser.error("give --data OUT_DIR, --formats, or both")
@@ -167,13 +182,20 @@ def main(argv: list[str]) -> int:
                        "encoding": source.folder.report["settings"]["encoding"]}
     results["one_core"] = one_core_rate(source, image_size, args.seconds)
     r = results["one_core"]
+    r["cores_for_target"] = cores_for_rate(args.target_rate, r["images_per_s"])
     print(f"{source}: one core {r['images_per_s']:.0f} images/s ({image_size}x{image_size}; "
-          f"read {r['read_ms']:.2f} ms + decode {r['decode_ms']:.2f} ms per image)")
+          f"read {r['read_ms']:.2f} ms + decode {r['decode_ms']:.2f} ms per image); "
+          f"{r['cores_for_target']} cores would feed {args.target_rate:g} images/s per "
+          "accelerator")
     if args.workers > 0:
       results["pipeline"] = pipeline_rate(source, image_size, args.workers, args.seconds,
                                           args.batch_size)
       r = results["pipeline"]
+      r["cores_for_target"] = cores_for_rate(args.target_rate, r["images_per_s_per_worker"])
       print(f"training input pipeline, {args.workers} workers: {r['images_per_s']:.0f} "
-            f"images/s ({r['images_per_s_per_worker']:.0f} per worker)")
+            f"images/s ({r['images_per_s_per_worker']:.0f} per worker); at that rate "
+            f"{r['cores_for_target']} workers feed {args.target_rate:g} images/s per accelerator")
+  if args.data:
+    results["target_images_per_s"] = args.target_rate
   print(json.dumps(results))
   return 0
