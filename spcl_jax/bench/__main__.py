@@ -6,13 +6,16 @@
            (--check: its bytes against the compiled step's collectives on 8 CPU devices)
   finetune jitted fine-tuning steps (classifier, BCE, LLRD AdamW) on synthetic images: images/s
   input    the input pipeline alone on prepared data: decoded images/s
+  matmul   a square bf16 matmul: the FLOP/s this device reaches, and the images/s limit it sets
+  summary  a table (markdown) of the JSON lines the benchmarks printed, e.g. launch/device_check.sh's
 """
 
 import importlib
 import sys
 
 BENCHMARKS = {"train": "spcl_jax.bench.train", "input": "spcl_jax.bench.input",
-              "scaling": "spcl_jax.bench.scaling", "finetune": "spcl_jax.bench.finetune"}
+              "scaling": "spcl_jax.bench.scaling", "finetune": "spcl_jax.bench.finetune",
+              "matmul": "spcl_jax.bench.matmul", "summary": "spcl_jax.bench.summary"}
 
 
 def main() -> int:

@@ -170,9 +170,11 @@ def main(argv: list[str]) -> int:
   if args.formats:
     results["formats"] = format_comparison(args.image_size, args.seconds)
     for encoding, r in results["formats"].items():
+      r["cores_for_target"] = cores_for_rate(args.target_rate, r["decode_images_per_s_per_core"])
       print(f"{encoding}: {r['kib_per_image']:.1f} KiB/image at {args.image_size}x"
             f"{args.image_size}, encode {r['encode_ms']:.1f} ms, decode "
-            f"{r['decode_images_per_s_per_core']:.0f} images/s/core, PSNR >= "
+            f"{r['decode_images_per_s_per_core']:.0f} images/s/core "
+            f"({r['cores_for_target']} cores for {args.target_rate:g} images/s), PSNR >= "
             f"{r['min_psnr_db'] or float('inf'):.1f} dB, max abs error {r['max_abs_error']}")
   if args.data:
     from spcl_jax.data.prepared import PreparedSource  # pylint: disable=g-import-not-at-top
@@ -195,7 +197,6 @@ def main(argv: list[str]) -> int:
       print(f"training input pipeline, {args.workers} workers: {r['images_per_s']:.0f} "
             f"images/s ({r['images_per_s_per_worker']:.0f} per worker); at that rate "
             f"{r['cores_for_target']} workers feed {args.target_rate:g} images/s per accelerator")
-  if args.data:
-    results["target_images_per_s"] = args.target_rate
+  results["target_images_per_s"] = args.target_rate
   print(json.dumps(results))
   return 0
