@@ -188,3 +188,18 @@ def test_optimizer_equals_a_reference_optax_chain_with_clipping():
     p_ref, p_ours = optax.apply_updates(p_ref, u_ref), optax.apply_updates(p_ours, u_ours)
     for a, b in zip(jax.tree.leaves(p_ours), jax.tree.leaves(p_ref)):
       np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9, err_msg=f"update {step}")
+
+
+def test_bfloat16_step_keeps_the_float32_step_s_loss_and_gradient_norm(shared):
+  """The speed settings keep the numerics: one step in bf16 (what accelerators run) against the
+  same step in float32, from the same parameters, batch and key."""
+  config, training, mesh = shared
+  bf16 = one_device_training(tiny_config(optim=dict(warmup_fraction=0.0),
+                                         model=dict(dtype="bfloat16")))[0]
+  batch, key = steps.global_batch(images_u8(), mesh, config), jax.random.key(7)
+  # each step donates its state: one fresh state per step, both from the same key
+  _, want = training.train_step(training.init_state(jax.random.key(0)), batch, key)
+  _, got = bf16.train_step(training.init_state(jax.random.key(0)), batch, key)
+  assert float(got["loss"]) == pytest.approx(float(want["loss"]), rel=2e-2)
+  assert float(got["grad_norm"]) == pytest.approx(float(want["grad_norm"]), rel=5e-2)
+  assert float(got["loss"]) != float(want["loss"])  # it really computed in bf16
