@@ -7,6 +7,7 @@ must agree to float32 round-off: a cross-framework check of the objective and th
 """
 
 import copy
+import json
 
 import jax
 import numpy as np
@@ -134,3 +135,32 @@ def test_random_views_are_disjoint_and_the_right_size():
   for image in range(5):
     both = positions[:, image].reshape(-1).tolist()
     assert len(set(both)) == 6 and all(0 <= i < 16 for i in both)
+
+
+def test_bench_train_prints_one_json_line_per_variant(capsys, monkeypatch):
+  """`bench train --reference torch` on CPU: ours, torch eager, torch.compile, each one line.
+
+  torch.compile runs with the aot_eager backend here (traced and compiled by dynamo and
+  AOTAutograd, no generated C++: inductor's cold compile would take half a minute on 2 cores).
+  """
+  from spcl_jax.bench import train as bench_train  # pylint: disable=g-import-not-at-top
+  args = ["--config=spcl_jax/configs/demo.py", f"--config.model.image_size={SIZE}",
+          "--steps=1", "--warmup_steps=0", "--memory_k=", "--memory_gb=0", "--reference=torch",
+          "--torch_compile_backend=aot_eager"]
+  # ml_collections finds the --config.x overrides in sys.argv, as a real command line has them.
+  monkeypatch.setattr("sys.argv", ["python -m spcl_jax.bench", "train", *args])
+  assert bench_train.main(args) == 0
+  lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+           if line.startswith("{")]
+  assert [r["variant"] for r in lines] == ["jax", "torch-eager", "torch-compile"]
+  jax_line, eager, compiled = lines
+  assert jax_line["batch"] == 16 and jax_line["devices"] == 8  # the demo's batch, 8 CPU devices
+  assert eager["batch"] == compiled["batch"] == 16  # one host: torch runs the whole batch
+  assert eager["compile"] is None and compiled["compile"] == "aot_eager/default"
+  for record in lines:
+    assert record["images_per_s"] > 0 and np.isfinite(record["loss"])
+    assert record["step_ms"] > 0 and record["dtype"] == "float32"
+  for record in (eager, compiled):
+    assert record["attention"] == "sdpa"
+    np.testing.assert_allclose(record["jax_over_torch"],
+                               jax_line["images_per_s"] / record["images_per_s"], rtol=1e-3)
