@@ -129,6 +129,19 @@ def test_cross_negatives_and_cosine_equal_our_loss(one_step):
     np.testing.assert_allclose(float(theirs), float(ours), rtol=1e-5, err_msg=name + negatives)
 
 
+def test_log_scale_gradient_at_the_cap_equals_ours():
+  """At log_s = log max_scale exactly (where the parameter clamp leaves it) both split the
+  gradient of min(log_s, cap) at the tie; below the cap it is the whole gradient."""
+  rng = np.random.default_rng(2)
+  z1, z2 = rng.normal(size=(2, 4, 8)).astype(np.float32)
+  similarity = losses.make_similarity("tsp", {"kappa": 1 / 64})
+  for log_scale in (np.log(np.float32(10.0)), np.log(np.float32(100.0))):
+    ours = jax.grad(lambda s: losses.spcl_loss(z1, z2, s, similarity=similarity))(log_scale)
+    theirs = torch.tensor(float(log_scale), requires_grad=True)
+    torch_reference.spcl_loss(torch.from_numpy(np.concatenate([z1, z2])), theirs).backward()
+    np.testing.assert_allclose(float(theirs.grad), float(ours), rtol=1e-5)
+
+
 def test_random_views_are_disjoint_and_the_right_size():
   positions = torch_reference.random_view_positions(5, 16, 3, torch.device("cpu"))
   assert positions.shape == (2, 5, 3)

@@ -135,9 +135,9 @@ def spcl_loss(z: torch.Tensor, log_scale: torch.Tensor, *, similarity_name: str 
   b = two_b // 2
   unit = nn.functional.normalize(z.float(), dim=-1, eps=1e-12)
   cos = (unit @ unit.T).clamp(-1.0, 1.0)
-  # torch.minimum splits the gradient at a tie, so log_s exactly at the cap still learns.
-  scale = torch.exp(torch.minimum(log_scale, torch.tensor(math.log(max_scale),
-                                                          device=z.device)))
+  # torch.minimum splits the gradient at a tie (as jnp.minimum), so log_s exactly at the cap
+  # still learns; full_like fills on the device (torch.tensor would copy from the host each step).
+  scale = torch.exp(torch.minimum(log_scale, torch.full_like(log_scale, math.log(max_scale))))
   eye = torch.eye(two_b, dtype=torch.bool, device=z.device)
   logits = (similarity(cos, similarity_name, kappa) * scale).masked_fill(eye, float("-inf"))
   own = torch.arange(b, device=z.device)
