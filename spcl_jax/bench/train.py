@@ -127,6 +127,7 @@ def print_record(record: dict[str, Any]) -> None:
 def run_torch_reference(config, start_params, images: np.ndarray, platform: str,
                         jax_rate: float, learning_rates: np.ndarray) -> None:
   """Times the PyTorch step eager and compiled; jax_rate: ours per device (CPU: per host)."""
+  import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from spcl_jax import metrics  # pylint: disable=g-import-not-at-top
   from spcl_jax.bench import torch_reference  # pylint: disable=g-import-not-at-top
@@ -137,7 +138,6 @@ def run_torch_reference(config, start_params, images: np.ndarray, platform: str,
   batch = torch.from_numpy(images).to(device)
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
   device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-  import jax  # pylint: disable=g-import-not-at-top
   peak = metrics.peak_flops_per_device(config, jax.devices()[0])
   for variant, backend in (("torch-eager", None), ("torch-compile", _FLAGS.torch_compile_backend)):
     reference = torch_reference.TorchStep(config, device, compile_backend=backend,
