@@ -8,6 +8,7 @@ must agree to float32 round-off: a cross-framework check of the objective and th
 
 import copy
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -157,7 +158,8 @@ def test_bench_train_prints_one_json_line_per_variant(capsys, monkeypatch):
   AOTAutograd, no generated C++: inductor's cold compile would take half a minute on 2 cores).
   """
   from spcl_jax.bench import train as bench_train  # pylint: disable=g-import-not-at-top
-  args = ["--config=spcl_jax/configs/demo.py", f"--config.model.image_size={SIZE}",
+  demo_file = pathlib.Path(demo.__file__).resolve()  # whatever the working directory
+  args = [f"--config={demo_file}", f"--config.model.image_size={SIZE}",
           "--steps=1", "--warmup_steps=0", "--memory_k=", "--memory_gb=0", "--reference=torch",
           "--torch_compile_backend=aot_eager"]
   # ml_collections finds the --config.x overrides in sys.argv, as a real command line has them.
