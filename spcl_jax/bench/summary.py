@@ -31,7 +31,8 @@ def read_results(lines: Iterable[str]) -> list[dict]:
 
 
 def _same_setting(a: dict, b: dict) -> bool:
-  return all(a.get(k) == b.get(k) for k in ("batch", "dtype", "device"))
+  # the same log is one device; torch's device name and jax's device kind may be spelled apart
+  return all(a.get(k) == b.get(k) for k in ("batch", "dtype"))
 
 
 def _ratio(value: float | None, yardstick: float | None) -> str:

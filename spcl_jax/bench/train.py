@@ -201,6 +201,10 @@ def main(argv: list[str]) -> int:
   if _FLAGS.steps <= 0:
     return 0
   training = steps.build_training(config, mesh)
+  model = training.model
+  print(f"attention kernel: {model.attention_impl}"
+        + (f", tokens padded to a multiple of {model.seq_multiple}" if model.seq_multiple > 1
+           else ""), flush=True)
   state = training.init_state(jax.random.key(0))
   start_params = jax.device_get(state.params) if with_torch else None  # state is donated
   train_step = training.train_step
@@ -226,8 +230,10 @@ def main(argv: list[str]) -> int:
         f"{rates['tflops_per_sec']:.2f} TFLOP/s | MFU {mfu} | loss {float(out['loss']):.4f}",
         flush=True)
   print_record({
-      "variant": "jax", "attention": config.model.attention_impl or "auto",
-      "remat": config.model.remat, "dtype": config.model.dtype, "batch": config.batch_size,
+      # the kernel that ran ('auto' resolved) and the length its tokens were padded to
+      "variant": "jax", "attention": model.attention_impl,
+      "seq_multiple": model.seq_multiple, "remat": str(config.model.remat),
+      "dtype": config.model.dtype, "batch": config.batch_size,
       "devices": jax.device_count(), "device": jax.devices()[0].device_kind,
       "images_per_s": rates["images_per_sec"], "images_per_s_per_device": per_device,
       "step_ms": seconds * 1e3, "tflops_per_s": rates["tflops_per_sec"], "mfu": rates["mfu"],
