@@ -14,7 +14,8 @@
 # Everything goes to OUT_DIR/device_check.log (JSON lines included). A variant that fails or
 # outlives VARIANT_TIMEOUT (s, default 240) is reported and the script goes on. STEPS (default
 # 20) sets the timed steps; EXTRA adds overrides to every train variant (a dry run on a CPU:
-# EXTRA="--config.model.variant=pico/16 --config.model.image_size=64 --config.batch_size=8").
+# EXTRA="--config.model.variant=pico/16 --config.model.image_size=64 --config.batch_size_per_device=8
+# --torch_compile_backend=aot_eager" MATMUL_SIZE=512 STEPS=1; the cudnn variants fail there).
 # Needs jax, flax, optax, numpy, Pillow, absl-py and ml-collections (+ torch and timm for the
 # reference). Where pip cannot reach the internet, run launch/device_wheels.sh on a machine that
 # can: it fills .whl/, which this script installs into /tmp/site first.
@@ -53,11 +54,12 @@ for name in ("jax", "jaxlib", "flax", "optax", "torch", "timm", "ml_collections"
 print("###", versions)
 EOF
 
-vitb="--config=configs/vitb512.py --config.batch_size=256 --config.grad_accum_steps=1"
+# batch_size_per_device, not batch_size: vitb512.py sets the former (1200), which would win
+vitb="--config=configs/vitb512.py --config.batch_size_per_device=256 --config.grad_accum_steps=1"
 vitb+=" --config.model.dtype=bfloat16 --memory_k= --memory_gb=0 --steps=$steps --warmup_steps=3"
 vitb+=" ${EXTRA:-}"
 
-bench matmul --config=configs/vitb512.py
+bench matmul --config=configs/vitb512.py --size="${MATMUL_SIZE:-8192}"
 bench train $vitb --config.model.attention_impl=cudnn --config.model.remat=none --reference=torch
 bench train $vitb --config.model.attention_impl=xla --config.model.remat=none
 bench train $vitb --config.model.attention_impl=cudnn --config.model.attention_seq_multiple=64

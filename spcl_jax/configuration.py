@@ -3,12 +3,13 @@ names the field, instead of a shape error deep inside jit minutes later."""
 
 from __future__ import annotations
 
+import jax
 import ml_collections
 
 from spcl_jax import losses, masking
 from spcl_jax.data.decode import resize_filter_names
 from spcl_jax.data.sources import check_source_spec
-from spcl_jax.models.attention import ATTENTION_IMPLS
+from spcl_jax.models.attention import ATTENTION_IMPLS, is_nvidia_gpu
 from spcl_jax.models.vit import REMAT_POLICIES, variant_dims
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -49,6 +50,14 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
   _require(config.model.attention_impl in ("", *ATTENTION_IMPLS),
            f"config.model.attention_impl={config.model.attention_impl!r} must be one of "
            f"{', '.join(ATTENTION_IMPLS)}")
+  if config.model.attention_impl == "cudnn":
+    device = jax.devices()[0]
+    _require(is_nvidia_gpu(device),
+             f"config.model.attention_impl='cudnn' needs an NVIDIA GPU, this job runs on "
+             f"{device.platform} ({device.device_kind}): use 'auto'")
+    _require(config.model.dtype in ("bfloat16", "float16"),
+             f"config.model.attention_impl='cudnn' computes in bfloat16 or float16, not "
+             f"config.model.dtype={config.model.dtype!r}: use 'auto' (XLA for float32)")
   multiple = config.model.get("attention_seq_multiple", 0)
   _require(isinstance(multiple, int) and multiple >= 0,
            f"config.model.attention_seq_multiple={multiple!r} must be 0 (the kernel's own need) "

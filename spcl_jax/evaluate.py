@@ -110,6 +110,9 @@ def evaluate(workdir: str, config: ml_collections.ConfigDict, steps: Sequence[in
   from spcl_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
   from spcl_jax.configuration import validate_config  # pylint: disable=g-import-not-at-top
 
+  # The attention kernel is a speed setting, not part of what was trained: a run made with
+  # 'cudnn' on a GPU is evaluated with this machine's kernel.
+  config.model.attention_impl = "auto"
   mesh = sharding.make_mesh(config)
   validate_config(config, num_batch_shards=sharding.num_batch_shards(config, mesh),
                   process_count=jax.process_count())

@@ -233,7 +233,8 @@ def test_remat_accepts_its_old_boolean_spelling():
 def test_bad_attention_and_remat_settings_fail_with_the_field_named():
   for field, value, match in [("attention_impl", "flash", "attention_impl='flash'"),
                               ("remat", "some", "remat='some'"),
-                              ("attention_seq_multiple", -8, "attention_seq_multiple=-8")]:
+                              ("attention_seq_multiple", -8, "attention_seq_multiple=-8"),
+                              ("attention_impl", "cudnn", "'cudnn' needs an NVIDIA GPU.*cpu")]:
     config = demo.get_config()
     config.model[field] = value
     with pytest.raises(ConfigError, match=match):

@@ -25,7 +25,7 @@ _CUDNN_DTYPES = ("bfloat16", "float16")
 _CUDNN_MAX_HEAD_DIM = 128
 
 
-def _is_nvidia_gpu(device: jax.Device) -> bool:
+def is_nvidia_gpu(device: jax.Device) -> bool:
   if device.platform != "gpu":
     return False
   version = str(getattr(device.client, "platform_version", "")).lower()
@@ -48,7 +48,7 @@ def resolve_attention_impl(name: str, dtype: Dtype, head_dim: int,
   device = device or jax.devices()[0]
   fits_cudnn = (jnp.dtype(dtype).name in _CUDNN_DTYPES and head_dim % 8 == 0
                 and head_dim <= _CUDNN_MAX_HEAD_DIM)
-  return "cudnn" if _is_nvidia_gpu(device) and fits_cudnn else "xla"
+  return "cudnn" if is_nvidia_gpu(device) and fits_cudnn else "xla"
 
 
 def padded_length(length: int, multiple: int) -> int:
