@@ -55,8 +55,8 @@ def kernel_calls(monkeypatch):
   return calls
 
 
-@pytest.mark.parametrize("length", TOKEN_COUNTS)
-@pytest.mark.parametrize("multiple", [8, 64])
+@pytest.mark.parametrize("length, multiple",
+                         [(n, 8) for n in TOKEN_COUNTS] + [(_vitb512_view_tokens(), 64)])
 def test_padded_and_masked_attention_equals_unpadded(length, multiple, kernel_calls):
   q, k, v = _qkv(length)
   cotangent = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
@@ -126,22 +126,25 @@ def _assert_gradients_close(got, want):
                                err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("multiple", [8])
-def test_encoder_with_padded_attention_matches_unpadded_views_and_grads(multiple):
+@pytest.fixture(scope="module")
+def unpadded():
+  """The plain encoder's value and gradients on the real partition: what the variants match."""
+  model = vit.build_encoder(_model_config())
+  views, positions = _views(model)
+  params = model.init(jax.random.key(0), views[0], positions[0])["params"]
+  loss = lambda m: functools.partial(_projected_z, m, views=views, positions=positions)
+  value, grads = jax.jit(jax.value_and_grad(loss(model)))(params)
+  return types.SimpleNamespace(params=params, views=views, loss=loss, value=value, grads=grads)
+
+
+def test_encoder_with_padded_attention_matches_unpadded_views_and_grads(unpadded):
   """The real encode_views path (vmap over the two views): z and every parameter's gradient."""
-  plain = vit.build_encoder(_model_config())
-  padded = vit.build_encoder(_model_config(attention_seq_multiple=multiple))
-  assert padded.seq_multiple == multiple
-  views, positions = _views(plain)
-  assert (1 + views.shape[2]) % multiple  # the views' token count really needs padding
-  params = plain.init(jax.random.key(0), views[0], positions[0])["params"]
-
-  loss = lambda model: functools.partial(_projected_z, model, views=views, positions=positions)
-
-  want, want_grads = jax.jit(jax.value_and_grad(loss(plain)))(params)
-  got, got_grads = jax.jit(jax.value_and_grad(loss(padded)))(params)
-  np.testing.assert_allclose(got, want, rtol=1e-5)
-  _assert_gradients_close(got_grads, want_grads)
+  padded = vit.build_encoder(_model_config(attention_seq_multiple=8))
+  assert padded.seq_multiple == 8
+  assert (1 + unpadded.views.shape[2]) % 8  # the views' token count really needs padding
+  got, got_grads = jax.jit(jax.value_and_grad(unpadded.loss(padded)))(unpadded.params)
+  np.testing.assert_allclose(got, unpadded.value, rtol=1e-5)
+  _assert_gradients_close(got_grads, unpadded.grads)
 
 
 def _device(platform, kind, version=""):
@@ -206,16 +209,12 @@ def test_cudnn_path_traces_under_the_view_vmap_with_padding(cudnn_traceable, ker
 
 
 @pytest.mark.parametrize("policy", ["full", "save_dots"])
-def test_remat_policies_keep_values_and_gradients(policy):
-  plain = vit.build_encoder(_model_config())
+def test_remat_policies_keep_values_and_gradients(policy, unpadded):
   remat = vit.build_encoder(_model_config(remat=policy))
-  views, positions = _views(plain)
-  params = plain.init(jax.random.key(0), views[0], positions[0])["params"]
-  loss = lambda model: functools.partial(_projected_z, model, views=views, positions=positions)
-  want, want_grads = jax.jit(jax.value_and_grad(loss(plain)))(params)
+  params, loss = unpadded.params, unpadded.loss
   got, got_grads = jax.jit(jax.value_and_grad(loss(remat)))(params)
-  np.testing.assert_allclose(got, want, rtol=1e-5)
-  _assert_gradients_close(got_grads, want_grads)
+  np.testing.assert_allclose(got, unpadded.value, rtol=1e-5)
+  _assert_gradients_close(got_grads, unpadded.grads)
   # every block is rematerialised, under the policy its name stands for
   jaxpr = jax.make_jaxpr(loss(remat))(params).jaxpr
   policies = [eqn.params["policy"] for eqn in jaxpr.eqns if "policy" in eqn.params]
