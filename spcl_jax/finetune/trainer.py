@@ -112,9 +112,13 @@ class Selection:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Fine-tunes (or resumes) in `workdir`; returns the results.json content."""
-  if is_url(workdir):  # its results and checkpoints are written with local-file code
-    raise ConfigError(f"--workdir {workdir!r}: fine-tuning writes to a local folder; the "
-                      "pre-training workdir it starts from (config.init) may be on gs://")
+  if is_url(workdir):  # its results, selection and best-model files use local-file code
+    name = workdir.rstrip("/").rsplit("/", 1)[-1]
+    raise ConfigError(
+        f"--workdir {workdir!r}: fine-tuning writes to a local folder; train into e.g. "
+        f"--workdir {name} and copy it after: `gcloud storage cp -r {name} "
+        f"{workdir.rstrip('/').rsplit('/', 1)[0]}/` (the pre-training workdir it starts from, "
+        "config.init, may be on gs://)")
   workdir = pathlib.Path(workdir).expanduser().resolve()
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(config)
