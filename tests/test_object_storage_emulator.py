@@ -26,6 +26,7 @@ import os
 import pathlib
 import signal
 import socket
+import time
 from http import HTTPStatus
 
 import fsspec
@@ -216,9 +217,13 @@ def test_demo_trains_is_preempted_resumes_and_exports_through_the_emulator(
   assert any("/d/" in k for k in keys), keys
   assert epath.Path(run, "lock.json").read_text() == ""  # released by the stopped run
 
+  # As if the stopped run had then been killed holding the lease: the next start takes it over.
+  epath.Path(run, "lock.json").write_text(json.dumps(
+      {"host": "worker-0", "pid": 4321, "started": "then", "lease_until": time.time() - 1}))
   monkeypatch.setattr(train, "StopRequest", StopRequest)
   train.train_and_evaluate(quick_config(), run)
   out = capsys.readouterr().out
+  assert "taking over the workdir lock of a run that is gone (PID 4321" in out
   assert f"resumed from {run}/checkpoints at step 3" in out
   resumed, uninterrupted = losses(run), losses(full)
   assert [s for s, _ in resumed] == [1, 2, 3, 4]  # each step logged once
