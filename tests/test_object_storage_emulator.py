@@ -20,6 +20,8 @@ tensorstore reads TENSORSTORE_GCS_HTTP_URL once per process, so one emulator (se
 serves every test of this module (the environment is restored after it).
 """
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -44,9 +46,11 @@ gcsfs_core = pytest.importorskip(
 from gcp_storage_emulator.exceptions import NotFound  # noqa: E402
 from gcp_storage_emulator.handlers import objects as emulator_objects  # noqa: E402
 
+import finetune_fixtures as ff  # noqa: E402
 from configs import demo  # noqa: E402
 from spcl_jax import checkpoint, train  # noqa: E402
 from spcl_jax.export import export_checkpoint  # noqa: E402
+from spcl_jax.finetune import trainer as finetune_trainer  # noqa: E402
 from spcl_jax.preemption import StopRequest  # noqa: E402
 
 BUCKET = "spcl-emulated"
@@ -256,3 +260,25 @@ def test_demo_trains_is_preempted_resumes_and_exports_through_the_emulator(
 
   assert not list(tmp_path.rglob("gs:*")), "a local 'gs:' folder was created"
   assert not pathlib.Path(tmp_path.parent, "gs:").exists()
+
+
+def test_fine_tuning_runs_in_a_gs_workdir_and_exports_its_classifier(
+    emulator, loopback_only, tmp_path, monkeypatch):
+  del emulator, loopback_only
+  monkeypatch.chdir(tmp_path)
+  with contextlib.redirect_stdout(io.StringIO()):
+    prepared = ff.prepared_nih(tmp_path / "nih")
+  config = ff.finetune_config("nih14", prepared, epochs=1, **{"optim.warmup_epochs": 0})
+  url = f"gs://{BUCKET}/finetune/nih"
+  outcome = finetune_trainer.train_and_evaluate(config, url)
+  run = epath.Path(url)
+  assert json.loads(run.joinpath("results.json").read_text()) == json.loads(json.dumps(outcome))
+  assert {"config.json", "selection.json", "metrics.jsonl", "checkpoints", "best"} <= {
+      p.name for p in run.iterdir()}
+  assert checkpoint.available_steps(run / "best") == [outcome["val_best"]["step"]]
+
+  written = export_checkpoint(url, "timm", tmp_path / "classifier.safetensors")
+  assert [p.name for p in written] == ["classifier.safetensors", "classifier.json"]
+  sidecar = json.loads((tmp_path / "classifier.json").read_text())
+  assert sidecar["source"]["workdir"] == url
+  assert not list(tmp_path.rglob("gs:*")), "a local 'gs:' folder was created"
