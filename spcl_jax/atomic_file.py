@@ -13,12 +13,27 @@ import pathlib
 from collections.abc import Callable
 
 from spcl_jax.cli_errors import UsageError
+from spcl_jax.workdir_path import is_url
 
 
 def _umask() -> int:
   mask = os.umask(0)
   os.umask(mask)
   return mask
+
+
+def local_output(out: str | os.PathLike[str], flag: str = "--out") -> pathlib.Path:
+  """OUT as a local path; a bucket URL is refused in one line saying how to get it there.
+
+  The writers (safetensors, torch.save, np.savez) and the tmp + rename step need a local file,
+  and `pathlib.Path("gs://b/x")` would silently be the local path 'gs:/b/x'.
+  """
+  if is_url(out):
+    name = os.fspath(out).rstrip("/").rsplit("/", 1)[-1]
+    raise UsageError(f"{flag} {os.fspath(out)!r}: results are written to local disk; write "
+                     f"them here and copy them, e.g. {flag} {name} then `gcloud storage cp "
+                     f"{name} {os.fspath(out).rsplit('/', 1)[0]}/` (or `gsutil cp`)")
+  return pathlib.Path(out).expanduser()
 
 
 def check_writable(out: pathlib.Path, flag: str = "--out") -> None:

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils.epath import backend as epath_backend
 from jax.experimental import multihost_utils
 
 from spcl_jax.workdir_path import as_path, is_url
@@ -152,12 +153,17 @@ def _check_json_files(step_dir: pathlib.Path) -> None:
 
 def _move_aside(workdir: pathlib.Path, step: int, folder: str) -> pathlib.Path:
   target_root = as_path(workdir) / folder
-  target_root.mkdir(parents=True, exist_ok=True)
   target = target_root / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
   source = checkpoint_dir(workdir) / str(step)
   if is_url(source):
-    source.rename(target)  # epath: a recursive copy + delete on an object store
+    # A bucket has no folders, so epath's rename (which wants the target's folder to exist)
+    # fails: copy each object server-side, then delete the originals. epath's file-system
+    # instance (the one orbax lists with) does it, so its listing cache stays true.
+    store = epath_backend.fsspec_backend.fs(str(source))
+    store.copy(str(source), str(target), recursive=True)
+    store.rm(str(source), recursive=True)
   else:
+    target_root.mkdir(parents=True, exist_ok=True)
     shutil.move(str(source), str(target))
   return target
 

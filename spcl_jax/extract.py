@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from spcl_jax import cli_errors, features
-from spcl_jax.atomic_file import check_writable, write_atomically
+from spcl_jax.atomic_file import check_writable, local_output, write_atomically
 from spcl_jax.cli_errors import run_command
 from spcl_jax.data import sources
 from spcl_jax.pretrained import PretrainedEncoder, load_pretrained
@@ -94,7 +94,7 @@ def extract_features(pretrained: PretrainedEncoder, source: sources.ImageSource,
 
 
 def check_out(out: str | os.PathLike[str]) -> pathlib.Path:
-  out = pathlib.Path(out).expanduser()
+  out = local_output(out)
   check_writable(out)
   return out
 

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from spcl_jax import cli_errors
+from spcl_jax.atomic_file import local_output
 from spcl_jax.workdir_path import as_path
 
 NO_FINDING, DISEASE, UNLABELLED = "No Finding", "Disease", "all images"
@@ -245,7 +246,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> tuple[pathlib.Path, pathlib.Path, list[tuple[str, int]]]:
-  out = pathlib.Path(args.out).expanduser()
+  out = local_output(args.out)
   if not out.parent.is_dir():
     raise FileNotFoundError(f"--out {args.out!r}: folder {str(out.parent)!r} does not exist")
   rules = parse_name_labels(args.name_label)

@@ -25,10 +25,10 @@ from fsspec.implementations.memory import MemoryFileSystem
 from fsspec.registry import _registry as _fsspec_registry  # pylint: disable=protected-access
 
 from configs import demo
-from spcl_jax import checkpoint, train, workdir_lock
+from spcl_jax import checkpoint, extract, train, tsne, workdir_lock
 from spcl_jax.configuration import ConfigError
+from spcl_jax.export import __main__ as export_cli
 from spcl_jax.export import export_checkpoint
-from spcl_jax.finetune import trainer as finetune_trainer
 from spcl_jax.finetune.initialization import load_init
 from spcl_jax.workdir_path import as_path, is_url
 from run_safety_fixtures import BASE, assert_one_error_line, run_main
@@ -169,8 +169,6 @@ def test_gs_workdir_trains_is_killed_resumes_and_exports(fake_gcs, tmp_path, cap
     assert len(exported.files) > 10
   init = load_init(URL)  # fine-tuning starts from a gs:// pre-training workdir
   assert (init.kind, init.path, init.step) == ("spcl", URL, 4)
-  with pytest.raises(ConfigError, match="fine-tuning writes to a local folder"):
-    finetune_trainer.train_and_evaluate(quick_config(), URL + "-finetuned")
   assert not [p for p in pathlib.Path(".").rglob("gs:*")]  # no local 'gs:' folder anywhere
   assert not os.path.exists(pathlib.Path.cwd() / "gs:")
 
@@ -209,3 +207,22 @@ def test_missing_gcs_client_is_one_clear_error(monkeypatch, capsys):
   code, _, err = run_main(capsys, f"--workdir={URL}", *BASE)  # the command: one line, exit 1+
   assert code != 0
   assert_one_error_line(err, "pip install -e '.[gcs]' installs gcsfs")
+
+
+@pytest.mark.parametrize("command, args", [
+    ("export", ["--workdir", URL, "--format", "npz", "--out", "gs://spcl-test-bucket/out/enc.npz"]),
+    ("export", ["--workdir", URL, "--format", "timm",
+                "--out", "gs://spcl-test-bucket/out/enc.safetensors"]),
+    ("extract", ["--workdir", URL, "--images", "imgs", "--out",
+                 "gs://spcl-test-bucket/out/enc.npz"]),
+    ("tsne", ["--features", "f.npz", "--out", "gs://spcl-test-bucket/out/enc.png"]),
+])
+def test_outputs_on_gs_are_one_line_saying_write_locally_and_copy(fake_gcs, tmp_path, capsys,
+                                                                  command, args):
+  main = {"export": export_cli.main, "extract": extract.main, "tsne": tsne.main}[command]
+  assert main(args) == 2  # a usage error, like a bad --out folder
+  err = capsys.readouterr().err
+  name = args[-1].rsplit("/", 1)[-1]
+  assert_one_error_line(err, f"--out {args[-1]!r}: results are written to local disk")
+  assert f"--out {name} then `gcloud storage cp {name} gs://spcl-test-bucket/out/`" in err
+  assert not FakeGCS.store and not list(tmp_path.rglob("gs:*"))  # nothing written anywhere

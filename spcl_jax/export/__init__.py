@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import pathlib
 
-from spcl_jax.atomic_file import check_writable
+from spcl_jax.atomic_file import check_writable, local_output
 from spcl_jax.export import classifier, layout, medical_mae, npz_format, timm_format
 from spcl_jax.pretrained import PretrainedEncoder, load_pretrained
 from spcl_jax.run_info import read_run_info
@@ -53,7 +53,7 @@ def export_pretrained(pretrained: PretrainedEncoder, export_format: str,
                       out: str | os.PathLike[str], in_chans: int | None = None
                       ) -> list[pathlib.Path]:
   """Writes `pretrained` in `export_format`; returns the files written."""
-  out = pathlib.Path(out).expanduser()
+  out = local_output(out)
   check_request(export_format, out, in_chans)
   trained_channels = int(pretrained.info["model"]["channels"])
   if in_chans is None:
@@ -71,7 +71,7 @@ def export_checkpoint(workdir: str | os.PathLike[str], export_format: str,
                       out: str | os.PathLike[str], step: int | None = None,
                       in_chans: int | None = None) -> list[pathlib.Path]:
   """Restores checkpoint `step` (None: latest) of `workdir` and exports it."""
-  check_request(export_format, pathlib.Path(out).expanduser(), in_chans)
+  check_request(export_format, local_output(out), in_chans)
   check_store_client(workdir)
   if not as_path(workdir).is_dir():  # a gs:// workdir stays a URL
     raise FileNotFoundError(f"--workdir {str(workdir)!r} does not exist or is not a directory")
@@ -95,4 +95,4 @@ def export_classifier(workdir, info, export_format: str, out, step: int | None,
   in_chans = trained_channels if in_chans is None else in_chans
   layout.check_in_chans(trained_channels, in_chans)
   finetuned = classifier.load_finetuned(workdir, info, step)
-  return classifier.write_timm_classifier(finetuned, pathlib.Path(out).expanduser(), in_chans)
+  return classifier.write_timm_classifier(finetuned, local_output(out), in_chans)

@@ -24,6 +24,7 @@ import numpy as np
 import spcl_jax
 from spcl_jax import checkpoint
 from spcl_jax.export.layout import timm_kwargs, timm_state_dict
+from spcl_jax.workdir_path import as_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +51,7 @@ def is_finetune_workdir(info: dict[str, Any]) -> bool:
 def load_finetuned(workdir: str | pathlib.Path, info: dict[str, Any], step: int | None = None
                    ) -> FineTuned:
   """The best-on-val parameters (step None) or those of training checkpoint `step`."""
-  workdir = pathlib.Path(workdir).expanduser()
+  workdir = as_path(workdir)  # a gs:// URL stays a URL
   if step is not None:
     params, step = checkpoint.restore_params(workdir, step)
     return FineTuned(workdir, step, "checkpoint", info, params)
@@ -110,7 +111,7 @@ def describe_classifier(finetuned: FineTuned, in_chans: int) -> dict[str, Any]:
                   f"{config.get('data', {}).get('eval_crop_fraction')} (bicubic, rounded down), "
                   f"centre crop {image_size}; x = (u8 / 255 - mean) / std",
       },
-      "source": {"workdir": str(finetuned.workdir.resolve()), "step": finetuned.step,
+      "source": {"workdir": str(finetuned.workdir), "step": finetuned.step,
                  "selected": finetuned.selected, "task": info["classifier"]["task"],
                  "variant": info["model"]["variant"],
                  "spcl_jax_version": spcl_jax.__version__},

@@ -7,7 +7,6 @@ F/results.json with their mean and std. Rerunning the same command resumes where
 """
 
 import logging
-import pathlib
 import sys
 
 from absl import app, flags
@@ -15,6 +14,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from spcl_jax import cli_errors
+from spcl_jax.workdir_path import as_path
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "configs/finetune/{nih14,chexpert,rsna,siim}.py[:preset]",
@@ -33,7 +33,7 @@ def run_seeds(config, workdir: str, num_seeds: int) -> dict:
   from spcl_jax.finetune import results, trainer  # pylint: disable=g-import-not-at-top
   if num_seeds == 1:
     return trainer.train_and_evaluate(config, workdir)
-  root = pathlib.Path(workdir).expanduser().resolve()
+  root = as_path(workdir)  # a gs:// URL stays a URL
   first = int(config.seed)
   per_seed, paths = [], []
   for seed in range(first, first + num_seeds):

@@ -20,6 +20,7 @@ import numpy as np
 import sklearn
 
 from spcl_jax import auc
+from spcl_jax.workdir_path import rewrite_text
 
 FORMAT = "spcl_jax.finetune.results/1"
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy",
@@ -86,9 +87,8 @@ def versions() -> dict[str, str]:
 
 
 def write_json(path: pathlib.Path, data: dict[str, Any]) -> None:
-  tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(data, indent=2) + "\n")
-  tmp.replace(path)
+  """Whole or not at all: tmp + rename on a disk, one object write on a bucket (gs://)."""
+  rewrite_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _std(values: list[float]) -> float:

@@ -26,7 +26,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from spcl_jax import accelerator_time, checkpoint, metrics, run_info, sharding, steps
-from spcl_jax.configuration import ConfigError
 from spcl_jax.finetune import data, results
 from spcl_jax.finetune.configuration import TASK_DATASETS, validate_finetune_config
 from spcl_jax.finetune.initialization import encoder_for_classifier, load_init
@@ -34,7 +33,7 @@ from spcl_jax.finetune.steps import FineTuning, build_finetuning
 from spcl_jax.models.vit import variant_dims
 from spcl_jax.preemption import StopRequest
 from spcl_jax.train import NonFiniteLossError
-from spcl_jax.workdir_path import is_url
+from spcl_jax.workdir_path import as_path, check_store_client
 
 SELECTION_FILE = "selection.json"
 RESULTS_FILE = "results.json"
@@ -112,10 +111,8 @@ class Selection:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Fine-tunes (or resumes) in `workdir`; returns the results.json content."""
-  if is_url(workdir):  # its results and checkpoints are written with local-file code
-    raise ConfigError(f"--workdir {workdir!r}: fine-tuning writes to a local folder; the "
-                      "pre-training workdir it starts from (config.init) may be on gs://")
-  workdir = pathlib.Path(workdir).expanduser().resolve()
+  workdir = as_path(workdir)  # a gs:// URL stays a URL (never a local folder 'gs:')
+  check_store_client(workdir)
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(config)
   validate_finetune_config(config, num_batch_shards=sharding.num_batch_shards(config, mesh),
