@@ -1,7 +1,8 @@
 """python -m spcl_jax.bench WHAT [flags]
 
   train    the train step's memory for k = 1, 2, 4 micro-batches, the largest batch that fits
-           --memory_gb, then jitted steps on synthetic uint8 images: images/s, TFLOP/s, MFU
+           --memory_gb, then jitted steps on synthetic uint8 images: images/s, TFLOP/s, MFU;
+           --reference torch also times the PyTorch (timm) step, eager and torch.compile
   scaling  a model of the step on 8 .. 1024 accelerators: compute vs communication, efficiency
            (--check: its bytes against the compiled step's collectives on 8 CPU devices)
   finetune jitted fine-tuning steps (classifier, BCE, LLRD AdamW) on synthetic images: images/s
