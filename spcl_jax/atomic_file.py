@@ -22,17 +22,20 @@ def _umask() -> int:
   return mask
 
 
-def local_output(out: str | os.PathLike[str], flag: str = "--out") -> pathlib.Path:
-  """OUT as a local path; a bucket URL is refused in one line saying how to get it there.
+def local_output(out: str | os.PathLike[str], flag: str = "--out",
+                 folder: bool = False) -> pathlib.Path:
+  """OUT as a local path; a bucket URL is refused in one line saying how to get it there
+  (`folder`: OUT is a folder, copied with `cp -r`).
 
   The writers (safetensors, torch.save, np.savez) and the tmp + rename step need a local file,
   and `pathlib.Path("gs://b/x")` would silently be the local path 'gs:/b/x'.
   """
   if is_url(out):
     name = os.fspath(out).rstrip("/").rsplit("/", 1)[-1]
+    cp = "cp -r" if folder else "cp"
     raise UsageError(f"{flag} {os.fspath(out)!r}: results are written to local disk; write "
-                     f"them here and copy them, e.g. {flag} {name} then `gcloud storage cp "
-                     f"{name} {os.fspath(out).rsplit('/', 1)[0]}/` (or `gsutil cp`)")
+                     f"them here and copy them, e.g. {flag} {name} then `gcloud storage {cp} "
+                     f"{name} {os.fspath(out).rsplit('/', 1)[0]}/` (or `gsutil {cp}`)")
   return pathlib.Path(out).expanduser()
 
 

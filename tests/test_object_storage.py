@@ -27,9 +27,11 @@ from fsspec.registry import _registry as _fsspec_registry  # pylint: disable=pro
 from configs import demo
 from spcl_jax import checkpoint, extract, train, tsne, workdir_lock
 from spcl_jax.configuration import ConfigError
+from spcl_jax.data import prepare
 from spcl_jax.export import __main__ as export_cli
 from spcl_jax.export import export_checkpoint
 from spcl_jax.finetune.initialization import load_init
+from spcl_jax.report import __main__ as report_cli
 from spcl_jax.workdir_path import as_path, is_url
 from run_safety_fixtures import BASE, assert_one_error_line, run_main
 
@@ -216,13 +218,17 @@ def test_missing_gcs_client_is_one_clear_error(monkeypatch, capsys):
     ("extract", ["--workdir", URL, "--images", "imgs", "--out",
                  "gs://spcl-test-bucket/out/enc.npz"]),
     ("tsne", ["--features", "f.npz", "--out", "gs://spcl-test-bucket/out/enc.png"]),
+    ("report", ["runs/a", "--out", "gs://spcl-test-bucket/out/tables"]),
+    ("prepare", ["nih_chestxray14", "--src", "raw", "--out", "gs://spcl-test-bucket/out/nih"]),
 ])
 def test_outputs_on_gs_are_one_line_saying_write_locally_and_copy(fake_gcs, tmp_path, capsys,
                                                                   command, args):
-  main = {"export": export_cli.main, "extract": extract.main, "tsne": tsne.main}[command]
+  main = {"export": export_cli.main, "extract": extract.main, "tsne": tsne.main,
+          "report": report_cli.main, "prepare": prepare.main}[command]
   assert main(args) == 2  # a usage error, like a bad --out folder
   err = capsys.readouterr().err
   name = args[-1].rsplit("/", 1)[-1]
+  cp = "cp -r" if command in ("report", "prepare") else "cp"  # those write folders
   assert_one_error_line(err, f"--out {args[-1]!r}: results are written to local disk")
-  assert f"--out {name} then `gcloud storage cp {name} gs://spcl-test-bucket/out/`" in err
+  assert f"--out {name} then `gcloud storage {cp} {name} gs://spcl-test-bucket/out/`" in err
   assert not FakeGCS.store and not list(tmp_path.rglob("gs:*"))  # nothing written anywhere

@@ -27,6 +27,7 @@ import tempfile
 import time
 
 from spcl_jax import cli_errors
+from spcl_jax.atomic_file import local_output
 from spcl_jax.data import decode
 from spcl_jax.data import splits as splits_lib
 from spcl_jax.data.datasets import DATASET_NAMES, dataset_module
@@ -313,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
 
   def run() -> int:
+    local_output(args.out, folder=True)  # records are written to local disk, never to a bucket
     if args.workers < 1:
       raise cli_errors.UsageError("--workers must be >= 1")
     if args.splits_only:

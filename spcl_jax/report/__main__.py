@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from spcl_jax import cli_errors
+from spcl_jax.atomic_file import local_output
 from spcl_jax.report import runs, tables
 
 RUNS_COLUMNS = ("results", "method", "task", "protocol", "label_fraction", "split_scheme",
@@ -100,9 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
 
   def report() -> int:
+    out = local_output(args.out, folder=True)  # before the work: a bucket URL is refused
     built, lines = build(args.run_dirs, names=args.name, selection=args.at,
                          per_class_fraction=args.per_class_fraction, dice_metric=args.dice)
-    combined = write(pathlib.Path(args.out).expanduser(), built, lines)
+    combined = write(out, built, lines)
     print(combined)
     print(f"wrote {len(built)} tables (.md, .csv), tables.md and runs.csv to {args.out} from "
           f"{len(lines)} results file(s)")
