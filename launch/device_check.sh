@@ -8,6 +8,8 @@
 #      eager and torch.compile, in the same process and on the same GPU
 #   3. bench train with attention cudnn (padded to 8), cudnn padded to 64, remat save_dots and
 #      remat full (each with cudnn)
+#      The cuDNN variant also traces 3 steps (jax.profiler): OUT_DIR/profile_cudnn.json.gz (open
+#      it in ui.perfetto.dev) and `bench profile`'s time per kind of work and top operations.
 #   4. bench input --formats: JPEG/PNG decode images/s on one of this machine's cores and the
 #      cores that feed the target rate; with INPUT_DATA=PREPARED_DIR also the training input
 #      pipeline with INPUT_WORKERS (default 16) workers (needs grain and array_record)
@@ -64,7 +66,13 @@ bench matmul --config=configs/vitb512.py --size="${MATMUL_SIZE:-8192}"
 # the torch reference rides on the XLA variant, which runs everywhere, so a cuDNN failure
 # cannot take the reference figures with it
 bench train $vitb --config.model.attention_impl=xla --config.model.remat=none --reference=torch
-bench train $vitb --config.model.attention_impl=cudnn --config.model.remat=none
+bench train $vitb --config.model.attention_impl=cudnn --config.model.remat=none \
+  --profile_dir=/tmp/spcl-profile --profile_steps=3
+trace=$(ls -t /tmp/spcl-profile/plugins/profile/*/perfetto_trace.json.gz 2>/dev/null | head -1)
+if [ -n "$trace" ]; then
+  cp "$trace" "$out/profile_cudnn.json.gz"
+  bench profile "$out/profile_cudnn.json.gz" --steps 3 --top 25
+fi
 bench train $vitb --config.model.attention_impl=cudnn --config.model.attention_seq_multiple=64
 bench train $vitb --config.model.attention_impl=cudnn --config.model.remat=save_dots
 bench train $vitb --config.model.attention_impl=cudnn --config.model.remat=full

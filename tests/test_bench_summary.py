@@ -61,3 +61,31 @@ def test_summary_without_a_matmul_line_leaves_that_ratio_blank(tmp_path, capsys)
   empty = tmp_path / "empty.txt"
   empty.write_text("nothing here\n")
   assert summary.main([str(empty)]) == 1
+
+
+def test_profile_sums_the_accelerator_s_operations_per_step_and_kind():
+  from spcl_jax.bench import profile
+  gpu, host = 1, 2
+  events = [
+      {"ph": "M", "name": "process_name", "pid": gpu, "args": {"name": "/device:GPU:0"}},
+      {"ph": "M", "name": "process_name", "pid": host, "args": {"name": "/host:CPU"}},
+      {"ph": "X", "pid": gpu, "name": "sm90_xmma_gemm_bf16bf16_bf16f32", "dur": 600.0},
+      {"ph": "X", "pid": gpu, "name": "sm90_xmma_gemm_bf16bf16_bf16f32", "dur": 600.0},
+      {"ph": "X", "pid": gpu, "name": "cudnn_generated_fort_native_sdpa_sm90", "dur": 300.0},
+      {"ph": "X", "pid": gpu, "name": "loop_add_fusion", "dur": 200.0},
+      {"ph": "X", "pid": gpu, "name": "transpose.12", "dur": 100.0},
+      {"ph": "X", "pid": gpu, "name": "ncclDevKernel_AllReduce_Sum_f32", "dur": 200.0},
+      {"ph": "X", "pid": host, "name": "PjitFunction(train_step)", "dur": 99999.0},  # not device
+  ]
+  result = profile.summarise(events, steps=2, top=3)
+  assert result["where"] == "/device:GPU:0"
+  assert result["busy_ms_per_step"] == pytest.approx(2000 / 1e3 / 2)
+  kinds = result["kinds"]
+  assert kinds["matmul"]["ms_per_step"] == pytest.approx(0.6)
+  assert kinds["matmul"]["share"] == pytest.approx(0.6)
+  assert kinds["attention"]["ms_per_step"] == pytest.approx(0.15)
+  assert {k: round(v["share"], 2) for k, v in kinds.items()} == {
+      "matmul": 0.6, "attention": 0.15, "fusion": 0.1, "collective": 0.1,
+      "copy/transpose": 0.05}
+  assert [op["name"] for op in result["top"]][0] == "sm90_xmma_gemm_bf16bf16_bf16f32"
+  assert result["top"][0]["calls_per_step"] == 1

@@ -151,7 +151,7 @@ def test_random_views_are_disjoint_and_the_right_size():
     assert len(set(both)) == 6 and all(0 <= i < 16 for i in both)
 
 
-def test_bench_train_prints_one_json_line_per_variant(capsys, monkeypatch):
+def test_bench_train_prints_one_json_line_per_variant(capsys, monkeypatch, tmp_path):
   """`bench train --reference torch` on CPU: ours, torch eager, torch.compile, each one line.
 
   torch.compile runs with the aot_eager backend here (traced and compiled by dynamo and
@@ -161,13 +161,20 @@ def test_bench_train_prints_one_json_line_per_variant(capsys, monkeypatch):
   demo_file = pathlib.Path(demo.__file__).resolve()  # whatever the working directory
   args = [f"--config={demo_file}", f"--config.model.image_size={SIZE}",
           "--steps=1", "--warmup_steps=0", "--memory_k=", "--memory_gb=0", "--reference=torch",
-          "--torch_compile_backend=aot_eager"]
+          "--torch_compile_backend=aot_eager", f"--profile_dir={tmp_path / 'profile'}",
+          "--profile_steps=1"]
   # ml_collections finds the --config.x overrides in sys.argv, as a real command line has them.
   monkeypatch.setattr("sys.argv", ["python -m spcl_jax.bench", "train", *args])
   assert bench_train.main(args) == 0
   lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()
            if line.startswith("{")]
   assert [r["variant"] for r in lines] == ["jax", "torch-eager", "torch-compile"]
+  # --profile_dir traced our step; bench profile reads it (on CPU: the host's operations)
+  from spcl_jax.bench import profile  # pylint: disable=g-import-not-at-top
+  assert profile.main([str(tmp_path / "profile"), "--steps=1"]) == 0
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert summary["variant"] == "profile" and summary["busy_ms_per_step"] > 0
+  assert summary["where"] == "/host:CPU" and summary["top"]
   jax_line, eager, compiled = lines
   assert jax_line["batch"] == 16 and jax_line["devices"] == 8  # the demo's batch, 8 CPU devices
   assert eager["batch"] == compiled["batch"] == 16  # one host: torch runs the whole batch

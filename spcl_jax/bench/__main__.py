@@ -8,6 +8,7 @@
   finetune jitted fine-tuning steps (classifier, BCE, LLRD AdamW) on synthetic images: images/s
   input    the input pipeline alone on prepared data: decoded images/s
   matmul   a square bf16 matmul: the FLOP/s this device reaches, and the images/s limit it sets
+  profile  where a step's time went, from the trace `train --profile_dir` wrote
   summary  a table (markdown) of the JSON lines the benchmarks printed, e.g. launch/device_check.sh's
 """
 
@@ -16,7 +17,8 @@ import sys
 
 BENCHMARKS = {"train": "spcl_jax.bench.train", "input": "spcl_jax.bench.input",
               "scaling": "spcl_jax.bench.scaling", "finetune": "spcl_jax.bench.finetune",
-              "matmul": "spcl_jax.bench.matmul", "summary": "spcl_jax.bench.summary"}
+              "matmul": "spcl_jax.bench.matmul", "summary": "spcl_jax.bench.summary",
+              "profile": "spcl_jax.bench.profile"}
 
 
 def main() -> int:

@@ -45,6 +45,11 @@ flags.DEFINE_string("torch_compile_backend", "inductor",
 flags.DEFINE_string("torch_compile_mode", None,
                     "torch.compile mode of the reference with inductor (e.g. max-autotune); "
                     "default: torch's.", flag_values=_FLAGS)
+flags.DEFINE_string("profile_dir", None,
+                    "After the timed steps, trace --profile_steps more with jax.profiler into "
+                    "this folder (Perfetto + XPlane); `python -m spcl_jax.bench profile DIR` "
+                    "then says where the time went.", flag_values=_FLAGS)
+flags.DEFINE_integer("profile_steps", 3, "Steps traced with --profile_dir.", flag_values=_FLAGS)
 
 
 def _gib(n: float) -> str:
@@ -222,6 +227,14 @@ def main(argv: list[str]) -> int:
   compile_seconds, seconds, out = time_steps(run_step, jax.block_until_ready,
                                              _FLAGS.warmup_steps, _FLAGS.steps)
   print(f"compile + first step: {compile_seconds:.1f} s", flush=True)
+  if _FLAGS.profile_dir:  # after the timing, so tracing never slows the figures
+    first = 1 + _FLAGS.warmup_steps + _FLAGS.steps
+    with jax.profiler.trace(_FLAGS.profile_dir, create_perfetto_trace=True):
+      for i in range(_FLAGS.profile_steps):
+        out = run_step(first + i)
+      jax.block_until_ready(out)
+    print(f"profile of {_FLAGS.profile_steps} steps: python -m spcl_jax.bench profile "
+          f"{_FLAGS.profile_dir} --steps {_FLAGS.profile_steps}", flush=True)
   rates = metrics.throughput(config, config.batch_size, seconds)
   per_device = rates["images_per_sec"] / jax.device_count()
   mfu = f"{rates['mfu']:.1%}" if rates["mfu"] is not None else "n/a (unknown peak)"
