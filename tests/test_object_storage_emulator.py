@@ -50,7 +50,7 @@ import finetune_fixtures as ff  # noqa: E402
 from configs import demo  # noqa: E402
 from spcl_jax import checkpoint, train  # noqa: E402
 from spcl_jax.export import export_checkpoint  # noqa: E402
-from spcl_jax.finetune import __main__ as finetune_cli  # noqa: E402
+from spcl_jax.finetune import trainer as finetune_trainer  # noqa: E402
 from spcl_jax.preemption import StopRequest  # noqa: E402
 
 BUCKET = "spcl-emulated"
@@ -271,7 +271,7 @@ def test_fine_tuning_runs_in_a_gs_workdir_and_exports_its_classifier(
   config = ff.finetune_config("nih14", prepared, epochs=1, **{"optim.warmup_epochs": 0})
   root = f"gs://{BUCKET}/finetune/nih"
   # Two seeds, as `--seeds 2` runs them: one workdir per seed under the URL, and the aggregate
-  summary = finetune_cli.run_seeds(config, root, 2)
+  summary = finetune_trainer.train_seeds(config, root, 2)
   assert json.loads(epath.Path(root, "results.json").read_text()) == json.loads(
       json.dumps(summary))
   assert summary["per_seed"] == [f"seed_{s}/results.json" for s in (config.seed, config.seed + 1)]

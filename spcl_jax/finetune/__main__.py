@@ -14,7 +14,6 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from spcl_jax import cli_errors
-from spcl_jax.workdir_path import as_path
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "configs/finetune/{nih14,chexpert,rsna,siim}.py[:preset]",
@@ -25,35 +24,6 @@ flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (mult
 flags.DEFINE_bool("debug", False, "Print the full traceback of an error.")
 flags.mark_flags_as_required(["config", "workdir"])
 parse_flags = cli_errors.absl_flags_parser(FLAGS)
-
-
-def run_seeds(config, workdir: str, num_seeds: int) -> dict:
-  """One run per seed in WORKDIR/seed_<s>/ and the aggregate WORKDIR/results.json."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from spcl_jax.finetune import results, trainer  # pylint: disable=g-import-not-at-top
-  if num_seeds == 1:
-    return trainer.train_and_evaluate(config, workdir)
-  root = as_path(workdir)  # a gs:// URL stays a URL
-  first = int(config.seed)
-  per_seed, paths = [], []
-  for seed in range(first, first + num_seeds):
-    config.seed = seed
-    if jax.process_index() == 0:
-      print(f"--- seed {seed} ({seed - first + 1}/{num_seeds}) ---", flush=True)
-    outcome = trainer.train_and_evaluate(config, str(root / f"seed_{seed}"))
-    if "stopped_at_step" in outcome:
-      return outcome
-    per_seed.append(outcome)
-    paths.append(f"seed_{seed}/{trainer.RESULTS_FILE}")
-  config.seed = first
-  summary = results.aggregate(per_seed, paths)
-  if jax.process_index() == 0:
-    results.write_json(root / trainer.RESULTS_FILE, summary)
-    t = summary["test_at_best_val"]
-    metric = summary["metric"]
-    print(f"{num_seeds} seeds: test {metric} {t[metric]:.4f} +- {t[metric + '_std']:.4f}"
-          f"; wrote {root / trainer.RESULTS_FILE}", flush=True)
-  return summary
 
 
 def main(argv):
@@ -75,7 +45,8 @@ def _finetune() -> int:
     config.get("model")  # the config file loads lazily: surface a missing/broken file here
   except (OSError, SyntaxError, ImportError, ValueError) as e:
     raise cli_errors.UsageError(f"--config: {' '.join(str(e).split())}") from e
-  run_seeds(config, FLAGS.workdir, FLAGS.seeds)
+  from spcl_jax.finetune import trainer  # pylint: disable=g-import-not-at-top
+  trainer.train_seeds(config, FLAGS.workdir, FLAGS.seeds)
   return 0
 
 

@@ -293,6 +293,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return summary
 
 
+def train_seeds(config: ml_collections.ConfigDict, workdir: str,
+                num_seeds: int) -> dict[str, Any]:
+  """`--seeds N`: one run per seed in WORKDIR/seed_<s>/ and the aggregate WORKDIR/results.json
+  (one seed: the run itself in WORKDIR)."""
+  if num_seeds == 1:
+    return train_and_evaluate(config, workdir)
+  root = as_path(workdir)  # a gs:// URL stays a URL
+  first = int(config.seed)
+  per_seed, paths = [], []
+  for seed in range(first, first + num_seeds):
+    config.seed = seed
+    if jax.process_index() == 0:
+      print(f"--- seed {seed} ({seed - first + 1}/{num_seeds}) ---", flush=True)
+    outcome = train_and_evaluate(config, str(root / f"seed_{seed}"))
+    if "stopped_at_step" in outcome:
+      return outcome
+    per_seed.append(outcome)
+    paths.append(f"seed_{seed}/{RESULTS_FILE}")
+  config.seed = first
+  summary = results.aggregate(per_seed, paths)
+  if jax.process_index() == 0:
+    results.write_json(root / RESULTS_FILE, summary)
+    t = summary["test_at_best_val"]
+    metric = summary["metric"]
+    print(f"{num_seeds} seeds: test {metric} {t[metric]:.4f} +- {t[metric + '_std']:.4f}"
+          f"; wrote {root / RESULTS_FILE}", flush=True)
+  return summary
+
+
 def _restore_best(best_manager, abstract_params) -> tuple[Any, int]:
   step = best_manager.latest_step()
   restored = best_manager.restore(step, args=ocp.args.Composite(
