@@ -179,12 +179,16 @@ def test_build_encoder_pads_to_the_kernel_s_multiple_unless_the_config_says():
 
 @pytest.fixture
 def cudnn_traceable(monkeypatch):
-  """Lets jax trace (never run) its cuDNN attention on a machine without cuDNN."""
-  fused = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+  """Lets jax trace (never run) its cuDNN attention on a machine without cuDNN.
+
+  It stubs jax's private cuDNN checks. If a jax release renames them, this fails (it does not
+  skip): the cuDNN path would otherwise lose its only CPU test unnoticed.
+  """
+  from jax._src.cudnn import fused_attention_stablehlo as fused  # pylint: disable=g-import-not-at-top
   for name in ("check_cudnn_version", "check_compute_capability",
                "is_cuda_compute_capability_equal"):
-    if not hasattr(fused, name):
-      pytest.skip(f"jax's cuDNN attention no longer has {name}: update this fixture")
+    assert hasattr(fused, name), (
+        f"jax {jax.__version__}'s cuDNN attention no longer has {name}: update this fixture")
   monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
   monkeypatch.setattr(fused, "check_compute_capability", lambda capability: True)
   monkeypatch.setattr(fused, "is_cuda_compute_capability_equal", lambda capability: False)

@@ -129,7 +129,7 @@ def test_unknown_missing_and_misshapen_keys_are_named(exported, tmp_path):
 
 
 def test_medical_mae_file_without_a_model_dict_is_named(tmp_path):
-  torch = pytest.importorskip("torch")
+  import torch  # the `torch` extra, which the suite installs: missing fails, never skips
   torch.save({"state": 1}, tmp_path / "odd.pth")
   with pytest.raises(ValueError, match=r"odd.pth.*expected Medical MAE's \{'model': "
                      r"state_dict\}, found \['state'\]"):
@@ -139,7 +139,7 @@ def test_medical_mae_file_without_a_model_dict_is_named(tmp_path):
 # --- foreign timm models: learned positions, CLS row, MAE decoder, classifier head --------------
 
 def _timm_vit(**kwargs):
-  timm_vit = pytest.importorskip("timm.models.vision_transformer")
+  from timm.models import vision_transformer as timm_vit  # the `torch` extra, as above
   import torch
   torch.manual_seed(0)
   model = timm_vit.VisionTransformer(img_size=IMAGE_SIZE, patch_size=16, in_chans=3,

@@ -37,11 +37,9 @@ import pytest
 from etils import epath
 from etils.epath import backend as epath_backend
 
-gse = pytest.importorskip(
-    "gcp_storage_emulator.server",
-    reason="the GCS emulator tests need gcp-storage-emulator (pip install -e '.[test]')")
-gcsfs_core = pytest.importorskip(
-    "gcsfs.core", reason="the GCS emulator tests need gcsfs (pip install -e '.[test]')")
+# The `test` extra installs both; a missing one fails here rather than skipping the round trip.
+import gcp_storage_emulator.server as gse  # noqa: E402
+import gcsfs.core as gcsfs_core  # noqa: E402
 
 from gcp_storage_emulator.exceptions import NotFound  # noqa: E402
 from gcp_storage_emulator.handlers import objects as emulator_objects  # noqa: E402
