@@ -66,6 +66,17 @@ def fail_usage(message: str) -> None:
   sys.exit(USAGE_EXIT_CODE)
 
 
+def loaded_config(flag_values: Any) -> Any:
+  """`flag_values.config`, loaded now: ml_collections loads the file lazily, so a missing or
+  broken config file would otherwise fail later as a traceback; here it is a usage error."""
+  try:
+    config = flag_values.config
+    config.get("model")
+  except (OSError, SyntaxError, ImportError, ValueError) as e:
+    raise UsageError(f"--config: {' '.join(str(e).split())}") from e
+  return config
+
+
 def absl_flags_parser(flag_values: Any) -> Callable[[list[str]], list[str]]:
   """A `flags_parser` for `absl.app.run` with one-line errors for bad flags and --config.x.
 

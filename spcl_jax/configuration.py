@@ -9,7 +9,7 @@ import ml_collections
 from spcl_jax import losses, masking
 from spcl_jax.data.decode import resize_filter_names
 from spcl_jax.data.sources import check_source_spec
-from spcl_jax.models.attention import ATTENTION_IMPLS, is_nvidia_gpu
+from spcl_jax.models.attention import ATTENTION_IMPLS, CUDNN_DTYPES, is_nvidia_gpu
 from spcl_jax.models.vit import REMAT_POLICIES, variant_dims
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -55,7 +55,7 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
     _require(is_nvidia_gpu(device),
              f"config.model.attention_impl='cudnn' needs an NVIDIA GPU, this job runs on "
              f"{device.platform} ({device.device_kind}): use 'auto'")
-    _require(config.model.dtype in ("bfloat16", "float16"),
+    _require(config.model.dtype in CUDNN_DTYPES,
              f"config.model.attention_impl='cudnn' computes in bfloat16 or float16, not "
              f"config.model.dtype={config.model.dtype!r}: use 'auto' (XLA for float32)")
   multiple = config.model.get("attention_seq_multiple", 0)

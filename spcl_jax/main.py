@@ -53,11 +53,7 @@ def _train() -> int:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id)
   from spcl_jax import evaluators, train  # pylint: disable=g-import-not-at-top
-  try:
-    config = FLAGS.config
-    config.get("model")  # the config file loads lazily: surface a missing/broken file here
-  except (OSError, SyntaxError, ImportError) as e:
-    raise cli_errors.UsageError(f"--config: {' '.join(str(e).split())}") from e
+  config = cli_errors.loaded_config(FLAGS)
   summary = train.train_and_evaluate(config, FLAGS.workdir, restore_step=FLAGS.restore_step,
                                      allow_config_changes=FLAGS.allow_config_change)
   if jax.process_index() == 0:

@@ -10,7 +10,6 @@ images/s is compared against. Prints a line and one JSON line.
 from __future__ import annotations
 
 import json
-import time
 
 from absl import flags
 from ml_collections import config_flags
@@ -33,16 +32,11 @@ def time_matmul(size: int, dtype: str, steps: int, warmup_steps: int) -> float:
   keys = jax.random.split(jax.random.key(0))
   a, b = (jax.random.normal(k, (size, size), jnp.float32).astype(dtype) for k in keys)
   # Random operands: zeros run measurably faster on GPUs (less switching power, higher clocks).
+  from spcl_jax.bench.train import time_steps  # pylint: disable=g-import-not-at-top
   matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=x.dtype))
-  out = matmul(a, b)  # compiles
-  for _ in range(warmup_steps):
-    out = matmul(a, b)
-  jax.block_until_ready(out)
-  start = time.perf_counter()
-  for _ in range(steps):
-    out = matmul(a, b)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / steps
+  # timed like the train step: compile, warm-up, then `steps` back to back
+  _, seconds, _ = time_steps(lambda _: matmul(a, b), jax.block_until_ready, warmup_steps, steps)
+  return seconds
 
 
 def main(argv: list[str]) -> int:

@@ -40,11 +40,7 @@ def _finetune() -> int:
   import jax  # pylint: disable=g-import-not-at-top
   if FLAGS.distributed:
     jax.distributed.initialize()
-  try:
-    config = FLAGS.config
-    config.get("model")  # the config file loads lazily: surface a missing/broken file here
-  except (OSError, SyntaxError, ImportError, ValueError) as e:
-    raise cli_errors.UsageError(f"--config: {' '.join(str(e).split())}") from e
+  config = cli_errors.loaded_config(FLAGS)
   from spcl_jax.finetune import trainer  # pylint: disable=g-import-not-at-top
   trainer.train_seeds(config, FLAGS.workdir, FLAGS.seeds)
   return 0

@@ -21,7 +21,7 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 DEFAULT_SEQ_MULTIPLE = {"xla": 1, "cudnn": 8}
 # cuDNN's flash kernel takes bf16/fp16 with head dims that are multiples of 8 up to 128 (256 on
 # Hopper and later; 128 is the bound 'auto' trusts on every NVIDIA GPU).
-_CUDNN_DTYPES = ("bfloat16", "float16")
+CUDNN_DTYPES = ("bfloat16", "float16")
 _CUDNN_MAX_HEAD_DIM = 128
 
 
@@ -46,7 +46,7 @@ def resolve_attention_impl(name: str, dtype: Dtype, head_dim: int,
   if name in ("xla", "cudnn"):
     return name
   device = device or jax.devices()[0]
-  fits_cudnn = (jnp.dtype(dtype).name in _CUDNN_DTYPES and head_dim % 8 == 0
+  fits_cudnn = (jnp.dtype(dtype).name in CUDNN_DTYPES and head_dim % 8 == 0
                 and head_dim <= _CUDNN_MAX_HEAD_DIM)
   return "cudnn" if is_nvidia_gpu(device) and fits_cudnn else "xla"
 
