@@ -13,6 +13,7 @@ import pytest
 from absl import flags
 
 from spcl_jax import main as train_cli
+from spcl_jax.configs import demo
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.py")
@@ -20,6 +21,18 @@ DEMO = str(ROOT / "configs" / "demo.py")
 # 0, 2, 4 (the demo's probes at the first and last step).
 BASE = ["--config.model.image_size=64", "--config.total_steps=4", "--config.log_every_steps=1",
         "--config.checkpoint_every_steps=2", "--config.evals.retrieval.every_steps=2"]
+
+
+def quick_config(**overrides):
+  """BASE's run as a config object for train.train_and_evaluate, without evaluators."""
+  config = demo.get_config()
+  config.model.image_size = 64
+  config.total_steps = 4
+  config.log_every_steps = 1
+  config.checkpoint_every_steps = 2
+  config.evals = {}
+  config.update(overrides)
+  return config
 
 
 def call_main(*args: str) -> int:

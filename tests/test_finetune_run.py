@@ -24,19 +24,8 @@ TOP_LEVEL_KEYS = {"format", "task", "protocol", "label_fraction", "split_scheme"
 TEST_KEYS = {"epoch", "step", "macro_auc", "per_class", "ci95", "num_images"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """Runs here rebuild identical steps: XLA's persistent cache compiles each program once."""
-  import jax
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  before = {name: getattr(jax.config, name) for name in names}
-  jax.config.update(names[0], str(tmp_path_factory.mktemp("xla_cache")))
-  jax.config.update(names[1], 0.0)
-  jax.config.update(names[2], 0)
-  yield
-  for name, value in before.items():
-    jax.config.update(name, value)
+# Runs here rebuild identical steps: XLA's persistent cache compiles each program once.
+pytestmark = pytest.mark.usefixtures("xla_compilation_cache")
 
 
 @pytest.fixture(scope="module")

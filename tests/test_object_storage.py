@@ -24,7 +24,6 @@ from etils.epath import backend as epath_backend
 from fsspec.implementations.memory import MemoryFileSystem
 from fsspec.registry import _registry as _fsspec_registry  # pylint: disable=protected-access
 
-from configs import demo
 from spcl_jax import checkpoint, extract, train, tsne, workdir_lock
 from spcl_jax.configuration import ConfigError
 from spcl_jax.data import prepare
@@ -33,7 +32,7 @@ from spcl_jax.export import export_checkpoint
 from spcl_jax.finetune.initialization import load_init
 from spcl_jax.report import __main__ as report_cli
 from spcl_jax.workdir_path import as_path, is_url
-from run_safety_fixtures import BASE, assert_one_error_line, run_main
+from run_safety_fixtures import BASE, assert_one_error_line, quick_config, run_main
 
 URL = "gs://spcl-test-bucket/runs/demo"
 
@@ -102,17 +101,6 @@ def fake_gcs(monkeypatch, tmp_path):
       _fsspec_registry.pop(protocol, None)
     else:
       fsspec.register_implementation(protocol, cls, clobber=True)
-
-
-def quick_config(**overrides):
-  config = demo.get_config()
-  config.model.image_size = 64
-  config.total_steps = 4
-  config.log_every_steps = 1
-  config.checkpoint_every_steps = 2
-  config.evals = {}
-  config.update(overrides)
-  return config
 
 
 def metrics(url):

@@ -45,11 +45,11 @@ from gcp_storage_emulator.exceptions import NotFound  # noqa: E402
 from gcp_storage_emulator.handlers import objects as emulator_objects  # noqa: E402
 
 import finetune_fixtures as ff  # noqa: E402
-from configs import demo  # noqa: E402
 from spcl_jax import checkpoint, train  # noqa: E402
 from spcl_jax.export import export_checkpoint  # noqa: E402
 from spcl_jax.finetune import trainer as finetune_trainer  # noqa: E402
 from spcl_jax.preemption import StopRequest  # noqa: E402
+from run_safety_fixtures import quick_config  # noqa: E402
 
 BUCKET = "spcl-emulated"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -165,17 +165,6 @@ def loopback_only(monkeypatch):
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-def quick_config(**overrides):
-  config = demo.get_config()
-  config.model.image_size = 64
-  config.total_steps = 4
-  config.log_every_steps = 1
-  config.checkpoint_every_steps = 2
-  config.evals = {}
-  config.update(overrides)
-  return config
-
 
 def losses(url: str) -> list[tuple[int, float]]:
   rows = [json.loads(line) for line in epath.Path(url, "metrics.jsonl").read_text().splitlines()]

@@ -21,18 +21,8 @@ from spcl_jax.preemption import StopRequest
 from spcl_jax.report import __main__ as report_cli
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """The resumed run rebuilds identical steps: XLA's persistent cache compiles each once."""
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  before = {name: getattr(jax.config, name) for name in names}
-  jax.config.update(names[0], str(tmp_path_factory.mktemp("xla_cache")))
-  jax.config.update(names[1], 0.0)
-  jax.config.update(names[2], 0)
-  yield
-  for name, value in before.items():
-    jax.config.update(name, value)
+# Runs here rebuild identical steps: XLA's persistent cache compiles each program once.
+pytestmark = pytest.mark.usefixtures("xla_compilation_cache")
 
 
 # ---- Dice metrics ------------------------------------------------------------------------------
@@ -189,7 +179,7 @@ def test_masks_stay_on_their_bright_region_through_the_train_pipeline(prepared):
   config = ff.finetune_config("siim", prepared, "mgca", **{"data.crop_scale": (0.3, 1.0)})
   source = data.split_sources(config)["train"]
   batches = iter(data.train_dataset(config, source))
-  checked = flipped_or_cropped = 0
+  checked = 0
   for _ in range(3):
     batch = data.as_batch(next(batches))
     assert batch["mask"].shape == batch["image"].shape == (8, 64, 64)
