@@ -209,8 +209,8 @@ def test_problem_kinds_are_documented():
   problems = mf.Problems()
   with pytest.raises(KeyError):
     problems.add("oops", "x")
-  readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-  report_section = readme.split("### Reading the report")[1].split("\n### ")[0]
+  page = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "datasets.md").read_text()
+  report_section = page.split("## Reading the report")[1].split("\n## ")[0]
   for kind in mf.PROBLEM_KINDS:
     assert f"`{kind}`" in report_section, kind
 

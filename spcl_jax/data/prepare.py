@@ -1,7 +1,7 @@
 """python -m spcl_jax.data.prepare DATASET --src RAW_DIR --out OUT_DIR [--image-size 512] [--workers N]
        python -m spcl_jax.data.prepare DATASET --out OUT_DIR --splits-only [--src RAW_DIR]
 
-Turns one raw download (see the README's Datasets section) into OUT_DIR/:
+Turns one raw download (see docs/datasets.md) into OUT_DIR/:
   splits/*.txt, splits/SHA256SUMS  image names per split, a function of the metadata alone
   tfds/spcl_DATASET/1.0.0/         TFDS array_record records (read with `prepared.py`)
   records.csv                      record index -> name, patient, view, raw label codes

@@ -212,7 +212,7 @@ def table4(cells: Cells, methods: dict[str, Method], metric: str) -> Table:
   notes = [
       f"Dice (%): {metric}, the {DICE_METRICS[metric]}. " + _selection_note(cells, ("siim",)),
       "Columns by segmentation protocol: 'mgca' (MGCA's setting) and 'upernet512' (MRM's "
-      "UperNet setting at 512); see the README's Segmentation section.",
+      "UperNet setting at 512); see docs/finetuning.md, Segmentation.",
       f"'{TRIVIAL_ROW}': the score of predicting no pneumothorax anywhere on the same test set.",
   ]
   return Table("table4", "Table 4: SIIM-ACR pneumothorax segmentation", columns, rows, notes)
