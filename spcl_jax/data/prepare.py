@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 
-from spcl_jax import cli_errors
+from spcl_jax import cli_errors, errors
 from spcl_jax.atomic_file import local_output
 from spcl_jax.data import decode
 from spcl_jax.data import splits as splits_lib
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
   def run() -> int:
     local_output(args.out, folder=True)  # records are written to local disk, never to a bucket
     if args.workers < 1:
-      raise cli_errors.UsageError("--workers must be >= 1")
+      raise errors.UsageError("--workers must be >= 1")
     if args.splits_only:
       report = rewrite_splits(args)
       print(f"{report['settings']['dataset']}: split files of {args.out} rewritten")

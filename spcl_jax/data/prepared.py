@@ -35,7 +35,6 @@ from spcl_jax.data import splits as splits_lib
 from spcl_jax.data.datasets import dataset_module
 from spcl_jax.data.datasets import manifest as mf
 from spcl_jax.data.datasets import records
-from spcl_jax.data.sources import register_source
 from spcl_jax.workdir_path import require_local
 
 _OPTIONS = {"split": "all", "views": "frontal", "fraction": "100"}
@@ -332,9 +331,7 @@ def _decode_mask(data: bytes) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def _prepared_source(argument: str) -> PreparedSource:
+def open_prepared(argument: str) -> PreparedSource:
+  """The source `config.data.source = "prepared:ARGUMENT"` names (see the module docstring)."""
   out_dir, options = parse_argument(argument)
   return PreparedSource(out_dir, options["split"], options["views"], options["fraction"])
-
-
-register_source("prepared", _prepared_source)

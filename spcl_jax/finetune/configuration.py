@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from spcl_jax.configuration import COMPUTE_DTYPES, ConfigError
+from spcl_jax.configuration import COMPUTE_DTYPES
+from spcl_jax.errors import ConfigError
 from spcl_jax.data.decode import resize_filter_names
 from spcl_jax.finetune.data import SPLIT_SCHEMES
 from spcl_jax.finetune.model import POOLS

@@ -175,8 +175,9 @@ def table1(cells: Cells, methods: dict[str, Method]) -> Table:
   notes = [
       "mAUC: macro-averaged ROC-AUC. " + _selection_note(cells, ("nih14", "chexpert", "rsna")),
       "train GFLOPs/image: forward + backward of both masked views of one image in pre-training "
-      "(spcl_jax.metrics.train_flops_per_image, matmuls only); fwd GFLOPs/view: the forward of "
-      "one view (its visible patches + CLS). Not the paper's undefined GFLOPs column.",
+      "(spcl_jax.metrics.train_flops_per_image, recorded in its config.json; matmuls only); "
+      "fwd GFLOPs/view: the forward of one view (its visible patches + CLS). Not the paper's "
+      "undefined GFLOPs column.",
       "accelerator-hours: pre-training only, devices x wall time summed over restarts, from the "
       "pre-training workdir's accelerator_time.json.",
   ]
