@@ -8,7 +8,7 @@ import json
 import pytest
 
 from spcl_jax.configs.default import get_config
-from spcl_jax import accelerator_time, metrics
+from spcl_jax import accelerator_time, downstream, metrics
 from spcl_jax.report import __main__ as report_cli
 from spcl_jax.report import runs, tables
 from spcl_jax.run_info import write_run_info
@@ -58,7 +58,7 @@ def write_result(folder, task, fraction, init_path, *, protocol="classification"
               "trivial": {"dice_per_image": 0.75, "dice_positive": 0.0, "dice_global": 0.0}}
   test = {**section(0.0), "ci95": [base - 0.02, base + 0.02], "num_images": 100}
   result = {
-      "format": runs.FORMAT, "task": task, "protocol": protocol, "label_fraction": fraction,
+      "format": downstream.RESULTS_FORMAT, "task": task, "protocol": protocol, "label_fraction": fraction,
       "split_scheme": split_scheme,
       "init": {"kind": "spcl" if init_path else "random",
                "path": str(init_path) if init_path else None, "step": step if init_path else None},

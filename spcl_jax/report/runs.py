@@ -16,15 +16,11 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from spcl_jax import accelerator_time
+from spcl_jax.downstream import (LABEL_FRACTIONS, PROTOCOLS, RESULTS_FILE, RESULTS_FORMAT,
+                                 SELECTIONS, TASKS)
 
-FORMAT = "spcl_jax.finetune.results/1"
-RESULTS_FILE = "results.json"
 # A workdir's config.json (run_info.FILENAME), read as JSON: the report never imports the model.
 CONFIG_FILE = "config.json"
-TASKS = ("nih14", "chexpert", "rsna", "siim")
-PROTOCOLS = ("classification", "mgca", "upernet512")
-FRACTIONS = (1, 10, 100)
-SELECTIONS = {"best_val": "test_at_best_val", "last_epoch": "test_at_last_epoch"}
 
 
 def find_results(run_dirs: Sequence[str]) -> list[pathlib.Path]:
@@ -69,14 +65,14 @@ def load_result(path: pathlib.Path, selection: str = "best_val") -> dict[str, An
     result = json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise ValueError(f"{path}: not JSON ({e})") from e
-  _require(isinstance(result, dict) and result.get("format") == FORMAT, path,
+  _require(isinstance(result, dict) and result.get("format") == RESULTS_FORMAT, path,
            f"'format' is {result.get('format') if isinstance(result, dict) else None!r}, "
-           f"not {FORMAT!r}")
+           f"not {RESULTS_FORMAT!r}")
   _require(result.get("task") in TASKS, path, f"'task' {result.get('task')!r} is not one of {TASKS}")
   _require(result.get("protocol") in PROTOCOLS, path,
            f"'protocol' {result.get('protocol')!r} is not one of {PROTOCOLS}")
-  _require(result.get("label_fraction") in FRACTIONS, path,
-           f"'label_fraction' {result.get('label_fraction')!r} is not one of {FRACTIONS}")
+  _require(result.get("label_fraction") in LABEL_FRACTIONS, path,
+           f"'label_fraction' {result.get('label_fraction')!r} is not one of {LABEL_FRACTIONS}")
   init = result.get("init")
   _require(isinstance(init, dict) and "kind" in init and "path" in init, path,
            "'init' needs 'kind' and 'path'")

@@ -12,15 +12,19 @@ import io
 import pathlib
 from typing import Any
 
+from spcl_jax import downstream
 from spcl_jax.data.datasets import chexpert, nih_chestxray14
-from spcl_jax.report.runs import FRACTIONS, SELECTIONS, Method, final_labels
+from spcl_jax.downstream import LABEL_FRACTIONS, SELECTIONS
+from spcl_jax.report.runs import Method, final_labels
 
-CLASSIFICATION_TASKS = (("nih14", "ChestX-ray14"), ("chexpert", "CheXpert"),
-                        ("rsna", "RSNA Pneu."))
+CLASSIFICATION_TASKS = tuple((task, downstream.TASK_TITLES[task])
+                             for task in downstream.CLASSIFICATION_TASKS)
 # Table 2 in the paper's column order; Table 3 in the dataset's (and Medical MAE's) order.
 CHEXPERT_CLASSES = chexpert.TASK_LABELS
 NIH_CLASSES = nih_chestxray14.LABELS
-SEGMENTATION_PROTOCOLS = (("mgca", "MGCA-style"), ("upernet512", "UperNet 512"))
+PROTOCOL_TITLES = {"mgca": "MGCA-style", "upernet512": "UperNet 512"}
+SEGMENTATION_PROTOCOLS = tuple((protocol, PROTOCOL_TITLES[protocol])
+                               for protocol in downstream.SEGMENTATION_PROTOCOLS)
 DICE_METRICS = {
     "dice_positive": "mean Dice over the test images with a pneumothorax",
     "dice_per_image": "per-image Dice over all test images, an empty truth scoring 1 if the "
@@ -165,12 +169,12 @@ def table1(cells: Cells, methods: dict[str, Method]) -> Table:
   labels = final_labels(methods)
   columns = ["Method", "Backbone", "train GFLOPs/image", "fwd GFLOPs/view",
              "accelerator-hours", "accelerators"]
-  columns += [f"{name} {f}%" for _, name in CLASSIFICATION_TASKS for f in FRACTIONS]
+  columns += [f"{name} {f}%" for _, name in CLASSIFICATION_TASKS for f in LABEL_FRACTIONS]
   rows = []
   for key, method in methods.items():
     row = [labels[key], method.backbone, method.train_gflops_per_image,
            method.view_forward_gflops, method.accelerator_hours, method.accelerators or None]
-    row += [cells.auc(key, task, f) for task, _ in CLASSIFICATION_TASKS for f in FRACTIONS]
+    row += [cells.auc(key, task, f) for task, _ in CLASSIFICATION_TASKS for f in LABEL_FRACTIONS]
     rows.append(row)
   notes = [
       "mAUC: macro-averaged ROC-AUC. " + _selection_note(cells, ("nih14", "chexpert", "rsna")),
@@ -200,14 +204,14 @@ def per_class_table(cells: Cells, methods: dict[str, Method], task: str, classes
 def table4(cells: Cells, methods: dict[str, Method], metric: str) -> Table:
   labels = final_labels(methods)
   columns = ["Method", "Backbone"]
-  columns += [f"{name} {f}%" for _, name in SEGMENTATION_PROTOCOLS for f in FRACTIONS]
+  columns += [f"{name} {f}%" for _, name in SEGMENTATION_PROTOCOLS for f in LABEL_FRACTIONS]
   rows = [[labels[key], method.backbone,
            *[cells.dice(key, protocol, f, metric)
-             for protocol, _ in SEGMENTATION_PROTOCOLS for f in FRACTIONS]]
+             for protocol, _ in SEGMENTATION_PROTOCOLS for f in LABEL_FRACTIONS]]
           for key, method in methods.items()]
   keys = list(methods)
   trivial = [cells.trivial_dice(keys, protocol, f, metric)
-             for protocol, _ in SEGMENTATION_PROTOCOLS for f in FRACTIONS]
+             for protocol, _ in SEGMENTATION_PROTOCOLS for f in LABEL_FRACTIONS]
   if any(score is not None for score in trivial):
     rows.append([TRIVIAL_ROW, "", *trivial])
   notes = [
