@@ -57,6 +57,7 @@ def kernel_calls(monkeypatch):
 
 @pytest.mark.parametrize("length, multiple",
                          [(n, 8) for n in TOKEN_COUNTS] + [(_vitb512_view_tokens(), 64)])
+@pytest.mark.slow
 def test_padded_and_masked_attention_equals_unpadded(length, multiple, kernel_calls):
   q, k, v = _qkv(length)
   cotangent = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
@@ -137,6 +138,7 @@ def unpadded():
   return types.SimpleNamespace(params=params, views=views, loss=loss, value=value, grads=grads)
 
 
+@pytest.mark.slow
 def test_encoder_with_padded_attention_matches_unpadded_views_and_grads(unpadded):
   """The real encode_views path (vmap over the two views): z and every parameter's gradient."""
   padded = vit.build_encoder(_model_config(attention_seq_multiple=8))
@@ -212,6 +214,7 @@ def test_cudnn_path_traces_under_the_view_vmap_with_padding(cudnn_traceable, ker
   assert any(shape[1] == padded and masked for shape, masked in kernel_calls)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["full", "save_dots"])
 def test_remat_policies_keep_values_and_gradients(policy, unpadded):
   remat = vit.build_encoder(_model_config(remat=policy))

@@ -28,6 +28,7 @@ def run_cli(capsys, *args):
   return code, captured.out, captured.err
 
 
+@pytest.mark.slow
 def test_module_command_writes_the_npz(workdir, tmp_path):
   path, params = workdir
   out = tmp_path / "mu.npz"

@@ -103,6 +103,7 @@ def test_layer_norm_and_gelu_match_pytorch_conventions():
   np.testing.assert_allclose(out, ref, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_only_visible_patches_are_encoded_and_order_is_irrelevant_to_cls():
   model = vit.build_encoder(tiny_model_config())
   params = nn.unbox(init(model))["params"]
@@ -117,6 +118,7 @@ def test_only_visible_patches_are_encoded_and_order_is_irrelevant_to_cls():
   np.testing.assert_allclose(out[:, 0], out_perm[:, 0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_remat_and_bfloat16_keep_parameters_and_outputs_close():
   cfg = tiny_model_config()
   model = vit.build_encoder(cfg)
