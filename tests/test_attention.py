@@ -196,6 +196,7 @@ def cudnn_traceable(monkeypatch):
   monkeypatch.setattr(fused, "is_cuda_compute_capability_equal", lambda capability: False)
 
 
+@pytest.mark.slow
 def test_cudnn_path_traces_under_the_view_vmap_with_padding(cudnn_traceable, kernel_calls):
   """Forward and backward of encode_views with the cuDNN kernel, as the train step calls it.
 

@@ -202,6 +202,7 @@ def test_a_misspelt_field_is_named():
     evaluators.Evaluators(config, training)
 
 
+@pytest.mark.slow
 def test_evaluate_command_on_a_workdir(tmp_path):
   workdir, _ = make_workdir(tmp_path / "run", "pico/16", 64)
   code = evaluate.main(["--workdir", str(workdir), "--config.evals.p.type=linear_probe",

@@ -84,6 +84,7 @@ def test_patchify_matches_a_stride_p_convolution():
                              atol=1e-4)
 
 
+@pytest.mark.slow
 def test_layer_norm_and_gelu_match_pytorch_conventions():
   # The MLP's GELU is the exact erf form (Flax's default tanh form is off by ~1e-3): an MLP
   # block with identity-like weights must reproduce erf-GELU, not the tanh approximation.

@@ -109,8 +109,8 @@ def seg_config(protocol, variant, size, blocks, channels):
 
 
 @pytest.mark.parametrize("protocol,variant,size,blocks,channels", [
-    ("upernet512", "B/16", 512, (3, 5, 7, 11), 512),
-    ("mgca", "B/16", 224, (3, 5, 7, 11), 256),
+    pytest.param("upernet512", "B/16", 512, (3, 5, 7, 11), 512, marks=pytest.mark.slow),
+    pytest.param("mgca", "B/16", 224, (3, 5, 7, 11), 256, marks=pytest.mark.slow),
     ("upernet512", "pico/16", 64, (0, 0, 1, 1), 32),
     ("mgca", "pico/16", 64, (0, 0, 1, 1), 32)])
 def test_decoder_output_shapes_without_allocating(protocol, variant, size, blocks, channels):
