@@ -158,7 +158,7 @@ def test_auto_picks_cudnn_on_nvidia_gpus_for_shapes_it_takes_and_xla_elsewhere()
   h100 = _device("gpu", "NVIDIA H100 80GB HBM3", "cuda 12080")
   resolve = attention.resolve_attention_impl
   assert resolve("auto", jnp.bfloat16, 64, h100) == "cudnn"
-  assert resolve("", jnp.float16, 64, h100) == "cudnn"  # '' is the old spelling of 'auto'
+  assert resolve("auto", jnp.float16, 64, h100) == "cudnn"
   assert resolve("auto", jnp.float32, 64, h100) == "xla"  # the kernel is bf16/fp16 only
   assert resolve("auto", jnp.bfloat16, 12, h100) == "xla"  # head dim not a multiple of 8
   assert resolve("auto", jnp.bfloat16, 64, _device("gpu", "AMD Instinct MI300X", "rocm 6")) == "xla"
@@ -232,9 +232,11 @@ def test_remat_policies_keep_values_and_gradients(policy, unpadded):
   assert all(p is expected for p in policies)
 
 
-def test_remat_accepts_its_old_boolean_spelling():
-  assert [vit.remat_policy_name(v) for v in (True, False, "save_dots")] == [
-      "full", "none", "save_dots"]
+def test_remat_takes_only_the_policy_names():
+  assert [vit.remat_policy_name(v) for v in ("none", "full", "save_dots")] == [
+      "none", "full", "save_dots"]
+  with pytest.raises(ValueError, match="config.model.remat=True must be one of"):
+    vit.remat_policy_name(True)
 
 
 def test_bad_attention_and_remat_settings_fail_with_the_field_named():
