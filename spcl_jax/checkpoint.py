@@ -12,6 +12,9 @@ Safety: a state with a NaN/Inf anywhere in the parameters or optimiser state is 
 (checked on device just before the save). On restore, a checkpoint that cannot be read, or that
 holds a non-finite value, is named with what is wrong and moved to WORKDIR/checkpoints_corrupt/,
 and the newest intact one is used instead. orbax tmp folders left by a killed save are removed.
+
+A fine-tuning run also keeps its best-on-val parameters in WORKDIR/best/ (params and meta only,
+one step): `save_best`, `restore_best`, `drop_best_after`.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ ITEM_NAMES = ("params", "opt_state", "data", "meta")
 # Where unreadable checkpoints and those after a chosen --restore_step are moved (never deleted).
 CORRUPT_DIR = "checkpoints_corrupt"
 SUPERSEDED_DIR = "checkpoints_superseded"
+BEST_DIR = "best"
 TMP_MARKER = ".orbax-checkpoint-tmp"
 
 
@@ -250,6 +254,38 @@ def remove_stale_tmp(workdir: str | pathlib.Path) -> list[pathlib.Path]:
       path.unlink(missing_ok=True)
     print(f"removed {path}, left by a save that did not finish", flush=True)
   return stale
+
+
+def make_best_manager(workdir: str | pathlib.Path) -> ocp.CheckpointManager:
+  """WORKDIR/best: the parameters of the best epoch so far (one step kept)."""
+  return make_manager(as_path(workdir) / BEST_DIR, max_to_keep=1)
+
+
+def save_best(manager: ocp.CheckpointManager, step: int, params: Any, epoch: int) -> None:
+  """Replaces the best parameters; waits, so a later kill finds them whole or not at all."""
+  for old in manager.all_steps():
+    manager.delete(old)
+  manager.save(step, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params),
+      meta=ocp.args.JsonSave({"step": int(step), "epoch": int(epoch),
+                              "layout_version": LAYOUT_VERSION})), force=True)
+  manager.wait_until_finished()
+
+
+def restore_best(manager: ocp.CheckpointManager, abstract_params: Any) -> tuple[Any, int]:
+  """(params, step) of the best epoch."""
+  step = manager.latest_step()
+  if step is None:
+    raise CorruptCheckpointError(f"{str(manager.directory)!r} holds no best checkpoint")
+  restored = manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(abstract_params)))
+  return restored["params"], step
+
+
+def drop_best_after(manager: ocp.CheckpointManager, step: int) -> None:
+  """A best saved after the checkpoint a run resumes from: its epoch is redone, so is it."""
+  for stale in [s for s in manager.all_steps() if s > step]:
+    manager.delete(stale)
 
 
 def available_steps(workdir: str | pathlib.Path) -> list[int]:

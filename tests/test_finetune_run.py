@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import finetune_fixtures as ff
-from spcl_jax import checkpoint
+from spcl_jax import checkpoint, engine
 from spcl_jax.finetune import results, trainer
 from spcl_jax.preemption import StopRequest
 
@@ -111,7 +111,7 @@ class _StopAtStep3(StopRequest):
 def test_stopped_run_resumes_with_the_same_per_step_losses(nih_run, tmp_path):
   config, reference_dir, reference, _ = nih_run
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(trainer, "StopRequest", _StopAtStep3)
+    patch.setattr(engine, "StopRequest", _StopAtStep3)
     stopped, predicted = run(config, tmp_path)
   assert stopped == {"stopped_at_step": 3} and predicted == []
   assert checkpoint.available_steps(tmp_path) == [3]

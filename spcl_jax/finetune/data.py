@@ -56,9 +56,27 @@ def split_sources(config: ml_collections.ConfigDict) -> dict[str, LabelledSource
   train = LabelledSource(out_dir, "train", str(config.label_fraction), **common)
   if config.data.get("balance_train", False):
     train = balanced(train, config.seed)
-  return {"train": train,
-          "val": LabelledSource(out_dir, "val", "100", **common),
-          "test": LabelledSource(out_dir, "test", "100", **common)}
+  sources = {"train": train,
+             "val": LabelledSource(out_dir, "val", "100", **common),
+             "test": LabelledSource(out_dir, "test", "100", **common)}
+  if config.get("classes", ""):
+    for source in sources.values():
+      keep_classes(source, config.classes)
+  return sources
+
+
+def keep_classes(source: LabelledSource, classes: str) -> LabelledSource:
+  """Narrows `source` to the comma-separated `classes` (config.classes), in the given order."""
+  names = [name.strip() for name in classes.split(",") if name.strip()]
+  unknown = [name for name in names if name not in source.label_names]
+  if unknown or len(set(names)) != len(names):
+    raise ValueError(f"config.classes={classes!r}: "
+                     + (f"{unknown[0]!r} is not a class of this task (its classes: "
+                        f"{', '.join(source.label_names)})" if unknown else "a class is repeated"))
+  columns = [list(source.label_names).index(name) for name in names]
+  source.targets = source.targets[:, columns]
+  source.label_names = names
+  return source
 
 
 def balanced(source: LabelledSource, seed: int) -> LabelledSource:
