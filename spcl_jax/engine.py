@@ -50,8 +50,9 @@ from spcl_jax.preemption import StopRequest
 from spcl_jax.steps import TrainState
 from spcl_jax.workdir_path import as_path, check_store_client
 
-# Test hook: called with (moment, step) at the named moments of a run ("train_step", "val",
-# "best_saved", "test"), so a test can kill the run exactly there instead of by timing.
+# Test hook: called with (moment, step) at the named moments of a run ("train_step", and
+# fine-tuning's "val", "best_save", "test"), so a test can stop the run exactly there (as a
+# kill -9 would) instead of by timing.
 moment_listeners: list[Callable[[str, int], None]] = []
 
 

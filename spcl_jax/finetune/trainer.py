@@ -175,6 +175,8 @@ class FineTuningRun:
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
     self.data_iterator = iter(data.train_dataset(self.config, self.sources["train"], **process))
     self.val_ds = data.eval_dataset(self.config, self.sources["val"], **process)
+    if jax.process_index() == 0:
+      checkpoint.remove_stale_tmp(workdir / checkpoint.BEST_DIR)  # a save_best cut short
     self.best_manager = checkpoint.make_best_manager(workdir)
     self.selection = Selection(workdir / SELECTION_FILE, self.workload.metric)
     if jax.process_index() == 0:
@@ -235,8 +237,8 @@ class FineTuningRun:
                             f"the val split (epoch {epoch})")
     selection.history[epoch] = {"epoch": epoch, "step": step, **scored}
     if selection.best_epoch == epoch:
+      engine.at_moment("best_save", step)
       checkpoint.save_best(self.best_manager, step, state.params, epoch)
-      engine.at_moment("best_saved", step)
     if session.is_main:
       selection.save()
     best = selection.history[selection.best_epoch]
