@@ -234,6 +234,33 @@ def test_config_classes_keeps_the_named_classes_in_every_split(prepared):
     data.split_sources(config)
 
 
+def test_records_are_opened_in_the_main_thread_before_any_pipeline_thread_reads(prepared):
+  """Several data-loading threads importing TFDS at once deadlocked a start: the sources open
+  their records when made, in the caller's thread; the pipeline's threads only read."""
+  import threading
+  from spcl_jax.data.prepared import PreparedFolder
+  from spcl_jax.finetune import data
+  events = []
+  opening, reading = PreparedFolder._open_records, PreparedFolder.record  # pylint: disable=protected-access
+
+  def recorded(kind, method):
+    def wrapper(self, *args):
+      events.append((kind, threading.current_thread() is threading.main_thread()))
+      return method(self, *args)
+    return wrapper
+  config = ff.finetune_config("nih14", prepared["nih14"], **{"data.read_threads": 4})
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(PreparedFolder, "_open_records", recorded("open", opening))
+    patch.setattr(PreparedFolder, "record", recorded("read", reading))
+    sources = data.split_sources(config)
+    next(iter(data.train_dataset(config, sources["train"])))
+  opens = [i for i, (kind, _) in enumerate(events) if kind == "open"]
+  reads = [i for i, (kind, _) in enumerate(events) if kind == "read"]
+  assert len(opens) == 3 and all(events[i][1] for i in opens)  # one per split, main thread
+  assert reads and max(opens) < min(reads)
+  assert not all(events[i][1] for i in reads)  # the pipeline did read in its own threads
+
+
 def test_official_scheme_reads_the_official_split_files(prepared):
   from spcl_jax.finetune import data
   config = ff.finetune_config("nih14", prepared["nih14"], split_scheme="official",
