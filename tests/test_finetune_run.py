@@ -18,7 +18,10 @@ import contextlib
 import io
 import json
 import os
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -404,3 +407,31 @@ def test_a_bad_init_is_refused_before_anything_is_written(reference, tmp_path):
   with pytest.raises(ValueError, match="parameter .* has shape"):
     trainer.train_and_evaluate(config, str(tmp_path / "b"))
   assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_of_four_devices_fine_tune_like_one_process_of_eight(nih_run, tmp_path):
+  """launch/local_multiprocess.sh with the fine-tuning CLI: per-process data blocks, gathered
+  eval outputs, process 0 alone writing; the same losses, val scores per epoch and results."""
+  config, reference_dir, _, _ = nih_run
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = {**os.environ, "PORT": str(24000 + os.getpid() % 1000), "DEVICES_PER_PROCESS": "4",
+         "MODULE": "spcl_jax.finetune", "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",
+         "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"}
+  multi = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", f"--workdir={tmp_path}",
+                          *ff.cli_args("nih14", config.data.prepared)],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=600)
+  assert multi.returncode == 0, multi.stderr[-3000:]
+  got, want = losses(tmp_path), losses(reference_dir)
+  assert sorted(got) == sorted(want) == list(range(1, 9))
+  np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
+                             rtol=1e-5)
+  multi_results, multi_selection = comparable(tmp_path)
+  results, selection = comparable(reference_dir)
+  for epoch in ("1", "2"):
+    assert multi_selection["history"][epoch]["macro_auc"] == pytest.approx(
+        selection["history"][epoch]["macro_auc"], abs=1e-6)
+  for key in ("val_best", "test_at_best_val", "test_at_last_epoch"):
+    assert multi_results[key]["epoch"] == results[key]["epoch"]
+    assert multi_results[key]["macro_auc"] == pytest.approx(results[key]["macro_auc"], abs=1e-6)
+  assert multi_results["config"] == results["config"]

@@ -159,13 +159,8 @@ def start_finetuning(workdir: pathlib.Path, prepared: pathlib.Path, *extra: str,
                      **popen: Any) -> subprocess.Popen:
   """finetune_fixtures.finetune_config's run through the CLI, many epochs long."""
   return subprocess.Popen(
-      [sys.executable, "-m", "spcl_jax.finetune",
-       f"--config={ROOT / 'spcl_jax/configs/finetune/nih14.py'}", f"--workdir={workdir}",
-       f"--config.data.prepared={prepared}", "--config.model.variant=pico/16",
-       "--config.model.image_size=32", "--config.model.dtype=float32", "--config.batch_size=8",
-       "--config.epochs=1000", "--config.optim.warmup_epochs=1",
-       "--config.optim.learning_rate=0.001", "--config.log_every_steps=1",
-       "--config.bootstrap_samples=10", *extra],
+      [sys.executable, "-m", "spcl_jax.finetune", f"--workdir={workdir}",
+       *ff.cli_args("nih14", prepared, epochs=1000), *extra],
       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
       env={**os.environ, "JAX_PLATFORMS": "cpu"}, **popen)
 

@@ -1,8 +1,9 @@
 """Labelled splits and their grain pipelines for fine-tuning.
 
-  train  source -> shuffle per epoch (seeded) -> repeat -> this process's block of each global
-         batch -> decode + random augmentation (per-example rng from (seed, position)) -> batch
-         -> grain workers -> {"image": uint8 (b, S, S), "label": float32 (b, K)}
+  train  source -> shuffle per epoch (seeded) -> repeat -> decode + random augmentation
+         (per-example rng from (seed, global stream position), lazily) -> this process's block
+         of each global batch -> batch -> grain workers -> {"image": uint8 (b, S, S), "label":
+         float32 (b, K)}
   eval   every image of the split exactly once, in record order, padded with copies of the last
          image up to whole global batches; "valid" marks the real ones, whose logits are kept.
 
@@ -176,9 +177,11 @@ def train_dataset(config: ml_collections.ConfigDict, source: LabelledSource, *,
                   process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
   b = pipeline.local_batch_size(config.batch_size, process_count)
   ds = grain.MapDataset.source(source).shuffle(seed=pipeline.shuffle_seed(config)).repeat()
-  ds = pipeline.ProcessBlockDataset(ds, config.batch_size, b, process_index)
+  # The augmentation's rng is keyed by the position in the global stream (before this
+  # process's block is taken), so an image is augmented alike whatever the process count.
   ds = ds.random_map(TrainTransform(config, stored_image_size(source)),
                      seed=pipeline.shuffle_seed(config) + 1)
+  ds = pipeline.ProcessBlockDataset(ds, config.batch_size, b, process_index)
   ds = ds.batch(b, drop_remainder=True)
   return pipeline._with_workers(ds.to_iter_dataset(pipeline._read_options(config)),  # pylint: disable=protected-access
                                 config.data.num_workers)
