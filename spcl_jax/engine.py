@@ -11,7 +11,8 @@
             for Python); a NaN/Inf loss or gradient stops the run before any checkpoint of that
             state; checkpoints every config.checkpoint_every_steps, at the workload's own save
             points (an epoch end), at the last step and on SIGTERM (`preemption.StopRequest`);
-            `checkpoint.save` refuses a non-finite state
+            `checkpoint.save` refuses a non-finite state; a failed save (a full disk) is one
+            line naming its step
   metrics   metrics.jsonl rows of steps a resume redoes are dropped, so each step logs once
 
 A workload says what its state, step, eval and "best" are; it never saves, resumes or logs
@@ -95,7 +96,8 @@ def run(workload: Any, workdir: str | pathlib.Path, *, restore_step: int | None 
       checkpoint.remove_stale_tmp(workdir)
     workload.open(workdir)
     clock = accelerator_time.AcceleratorClock.for_this_job(workdir)  # accelerator_time.json
-    return _run_locked(workload, workdir, restore_step, changes, clock)
+    with checkpoint.quiet_background_errors():
+      return _run_locked(workload, workdir, restore_step, changes, clock)
   finally:
     workload.close()
     if lock is not None:
@@ -139,12 +141,13 @@ def _run_locked(workload: Any, workdir: pathlib.Path, restore_step: int | None,
     state, stopped = _loop(workload, session, state)
     return workload.stopped(state, session) if stopped else workload.finish(state, session)
   finally:
-    # Also on errors: finish a checkpoint already being written.
-    manager.wait_until_finished()
-    manager.close()
-    clock.update()
-    if writer is not None:
-      writer.close()
+    try:
+      checkpoint.wait(manager)  # also on errors: finish a checkpoint already being written
+    finally:
+      manager.close()
+      clock.update()
+      if writer is not None:
+        writer.close()
 
 
 def _is_checkpoint_step(workload: Any, step: int, stopping: bool) -> bool:
@@ -177,7 +180,7 @@ def _loop(workload: Any, session: Session, state: TrainState) -> tuple[TrainStat
     if pending is not None:
       record(workload, session, *pending)
     # Still under the signal handler: a second SIGTERM cannot cut the save short.
-    session.manager.wait_until_finished()
+    checkpoint.wait(session.manager)
     if stopping and session.is_main:
       print(f"stopped at step {session.last_checkpoint}; checkpoint saved, rerun the same "
             "command to resume", flush=True)
