@@ -9,7 +9,7 @@ by doing the fault on the ChestX-ray14 run (2 epochs of 4 steps): a run killed a
 (mid-epoch, mid-val, before best/ is saved, mid-test) and rerun ends with the results.json and
 selection.json of the uninterrupted run, each metrics row once; a second run on a workdir in use
 refuses naming the holder; a truncated latest checkpoint is moved aside and the previous one
-used, to the same results; a resume may change only the free fields (or those it names), and a
+used, to the same results, as with --restore_step; a resume may change only the free fields (or those it names), and a
 finished workdir rerun with another lr is a config error (exit 2); a bad start (an init of
 another size, a fine-tuning workdir as init) writes nothing.
 """
@@ -363,15 +363,21 @@ def test_a_second_run_on_a_workdir_in_use_refuses_naming_the_holder(reference, t
   assert [p.name for p in tmp_path.iterdir()] == [workdir_lock.FILENAME]
 
 
-def test_a_truncated_latest_checkpoint_is_moved_aside_and_the_run_ends_the_same(
-    reference, tmp_path, capsys):
+@pytest.mark.parametrize("fault", ["truncated latest checkpoint", "--restore_step=4"])
+def test_a_run_resumed_from_an_earlier_checkpoint_ends_the_same(reference, tmp_path, capsys,
+                                                                fault):
   config, reference_dir, _ = reference
   workdir = copy_of(reference_dir, tmp_path)
   (workdir / trainer.RESULTS_FILE).unlink()
-  truncate_params(checkpoint.checkpoint_dir(workdir) / "8")
-  trainer.train_and_evaluate(config, str(workdir))
-  assert "falling back to step 4" in capsys.readouterr().err
-  assert [p.name.split("-")[0] for p in (workdir / checkpoint.CORRUPT_DIR).iterdir()] == ["8"]
+  if fault == "truncated latest checkpoint":
+    truncate_params(checkpoint.checkpoint_dir(workdir) / "8")
+    trainer.train_and_evaluate(config, str(workdir))
+    assert "falling back to step 4" in capsys.readouterr().err
+    moved_to = checkpoint.CORRUPT_DIR
+  else:
+    trainer.train_and_evaluate(config, str(workdir), restore_step=4)
+    moved_to = checkpoint.SUPERSEDED_DIR
+  assert [p.name.split("-")[0] for p in (workdir / moved_to).iterdir()] == ["8"]
   assert comparable(workdir) == comparable(reference_dir)
 
 
