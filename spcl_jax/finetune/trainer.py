@@ -27,16 +27,16 @@ import ml_collections
 import numpy as np
 
 from spcl_jax import auc, checkpoint, engine, metrics, run_info, sharding, steps
-from spcl_jax.configuration import ConfigError
+from spcl_jax.downstream import RESULTS_FILE, RESULTS_FORMAT, TASK_DATASETS
+from spcl_jax.errors import ConfigError
 from spcl_jax.finetune import data, results
-from spcl_jax.finetune.configuration import TASK_DATASETS, validate_finetune_config
+from spcl_jax.finetune.configuration import validate_finetune_config
 from spcl_jax.finetune.initialization import encoder_for_classifier, load_init
 from spcl_jax.finetune.steps import FineTuning, build_finetuning
 from spcl_jax.models.vit import variant_dims
 from spcl_jax.workdir_path import as_path
 
 SELECTION_FILE = "selection.json"
-RESULTS_FILE = "results.json"
 CLASS_ADVICE = ("use a larger split, or keep the other classes only with config.classes (e.g. "
                 "--config.classes=Cardiomegaly,Edema)")
 
@@ -354,7 +354,7 @@ def _test_and_report(run: FineTuningRun, state: steps.TrainState) -> dict[str, A
     entries[name] = workload.test_entry(step // run.steps_per_epoch, step, run.sources["test"],
                                         outputs, run.classes, config)
   return {
-      "format": results.FORMAT,
+      "format": RESULTS_FORMAT,
       "task": config.task,
       "protocol": workload.protocol,
       "label_fraction": int(config.label_fraction),
