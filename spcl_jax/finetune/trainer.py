@@ -168,6 +168,7 @@ class FineTuningRun:
     self.peak = metrics.peak_flops_per_device(config, jax.devices()[0])
     self.last_log: tuple[int, float] | None = None
     self.data_iterator: Any = None
+    self.val_ds: Any = None
     self.best_manager: Any = None
     self.selection: Selection | None = None
 
