@@ -38,8 +38,9 @@ TOP_LEVEL_KEYS = {"format", "task", "protocol", "label_fraction", "split_scheme"
                   "seeds", "config", "split_hashes", "git_commit", "versions",
                   "accelerator_seconds", "device_kind", "num_devices"}
 TEST_KEYS = {"epoch", "step", "macro_auc", "per_class", "ci95", "num_images"}
-# What differs between two correct runs of the same config.
-RUN_DEPENDENT = ("accelerator_seconds",)
+# What differs between two correct runs of the same config (the commit: when the checkout
+# changes between the two, as it may while the suite runs).
+RUN_DEPENDENT = ("accelerator_seconds", "git_commit")
 THROUGHPUT = {"images_per_sec", "tflops_per_sec", "mfu"}
 
 
