@@ -9,9 +9,11 @@ by doing the fault on the ChestX-ray14 run (2 epochs of 4 steps): a run killed a
 (mid-epoch, mid-val, before best/ is saved, mid-test) and rerun ends with the results.json and
 selection.json of the uninterrupted run, each metrics row once; a second run on a workdir in use
 refuses naming the holder; a truncated latest checkpoint is moved aside and the previous one
-used, to the same results, as with --restore_step; a resume may change only the free fields (or those it names), and a
-finished workdir rerun with another lr is a config error (exit 2); a bad start (an init of
-another size, a fine-tuning workdir as init) writes nothing.
+used, to the same results, as with --restore_step; a resume may change only the free fields (or
+those it names), and a finished workdir rerun with another lr is a config error (exit 2); a bad
+start (an init of another size, a fine-tuning workdir as init) writes nothing. The "kill" is an
+exception raised at the named moment (`engine.moment_listeners`): no handler of the run catches
+it, and the resume starts from what is on disk, as after kill -9.
 """
 
 import contextlib
