@@ -234,4 +234,5 @@ def test_a_failed_save_is_one_line_naming_its_step(tmp_path, capsys):
   errors = [line for line in err.splitlines() if line.startswith("error:")]
   assert code == 1 and len(errors) == 1, err[-3000:]
   assert "saving checkpoint step 2 in" in errors[0] and "File too large" in errors[0]
-  assert "future.py" not in err and "async_checkpointer.py" not in err  # orbax's thread logs
+  # orbax's own log lines of the failure, one per background thread (with a traceback each)
+  assert "raised an exception" not in err and "background save thread" not in err
