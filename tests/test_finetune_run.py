@@ -342,6 +342,7 @@ def run_killed_at(config, workdir, moment: str, at_step: int) -> None:
 
 @pytest.mark.parametrize("moment,at_step", [("train_step", 6), ("val", 8), ("best_save", None),
                                             ("test", 8)])
+@pytest.mark.slow
 def test_a_run_killed_at_a_named_moment_resumes_to_the_same_results(reference, tmp_path,
                                                                     moment, at_step):
   config, reference_dir, results = reference
@@ -357,6 +358,7 @@ def test_a_run_killed_at_a_named_moment_resumes_to_the_same_results(reference, t
       results["val_best"]["step"]]
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_workdir_in_use_refuses_naming_the_holder(reference, tmp_path):
   config = reference[0]
   holder = workdir_lock.WorkdirLock(tmp_path)
@@ -371,6 +373,7 @@ def test_a_second_run_on_a_workdir_in_use_refuses_naming_the_holder(reference, t
   assert [p.name for p in tmp_path.iterdir()] == [workdir_lock.FILENAME]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["truncated latest checkpoint", "--restore_step=4"])
 def test_a_run_resumed_from_an_earlier_checkpoint_ends_the_same(reference, tmp_path, capsys,
                                                                 fault):
@@ -389,6 +392,7 @@ def test_a_run_resumed_from_an_earlier_checkpoint_ends_the_same(reference, tmp_p
   assert comparable(workdir) == comparable(reference_dir)
 
 
+@pytest.mark.slow
 def test_a_resume_changes_only_free_or_named_fields(reference, tmp_path, capsys):
   config, reference_dir, results = reference
   workdir = copy_of(reference_dir, tmp_path)
@@ -412,6 +416,7 @@ def test_a_resume_changes_only_free_or_named_fields(reference, tmp_path, capsys)
           "overridden": True} in changes[1]
 
 
+@pytest.mark.slow
 def test_a_bad_init_is_refused_before_anything_is_written(reference, tmp_path):
   config = reference[0].copy_and_resolve_references()
   config.init = str(reference[1])
