@@ -227,6 +227,7 @@ def test_every_config_field_is_classified_for_resume():
   assert not run_info.is_free("optim.learning_rate") and run_info.is_free("total_steps")
 
 
+@pytest.mark.slow
 def test_a_failed_save_is_one_line_naming_its_step(tmp_path, capsys):
   """A full disk, as a file-size limit (no root needed): every checkpoint file is over it."""
   limit = resource.getrlimit(resource.RLIMIT_FSIZE)
