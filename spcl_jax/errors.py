@@ -1,5 +1,5 @@
 """The errors a user can fix from their message alone: every command reports them on one line
-with exit code 2 (`cli_errors.report`). They live at the bottom of the import graph so that any
+with exit code 2 (`command_line.report`). They live at the bottom of the import graph so that any
 module may raise them without importing the command-line code or the config checks."""
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import ml_collections
 from absl import logging as absl_logging
 
-from spcl_jax import cli_errors, errors
+from spcl_jax import command_line, errors
 
 RESULTS_FILE = "evaluations.jsonl"
 
@@ -37,7 +37,7 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
   """(the options, the --config.PATH=VALUE overrides in order)."""
-  parser = cli_errors.ArgumentParser(
+  parser = command_line.ArgumentParser(
       prog="python -m spcl_jax.evaluate",
       description="Run config.evals on a checkpoint of a pre-training workdir.",
       epilog="--config.evals.NAME.FIELD=VALUE changes (or adds) an evaluator's field.")
@@ -141,8 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     only = tuple(name for name in args.only.split(",") if name)
     evaluate(args.workdir, config, steps, only)
     return 0
-  # One `error:` line naming the file or field, not a traceback (spcl_jax.cli_errors).
-  return cli_errors.run_command(run, debug=args.debug)
+  # One `error:` line naming the file or field, not a traceback (spcl_jax.command_line).
+  return command_line.run_command(run, debug=args.debug)
 
 
 if __name__ == "__main__":

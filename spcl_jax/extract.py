@@ -24,9 +24,9 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from spcl_jax import cli_errors, features
+from spcl_jax import command_line, features
 from spcl_jax.atomic_file import check_writable, local_output, write_atomically
-from spcl_jax.cli_errors import run_command
+from spcl_jax.command_line import run_command
 from spcl_jax.data import sources
 from spcl_jax.pretrained import PretrainedEncoder, load_pretrained
 from spcl_jax.workdir_path import as_path
@@ -35,8 +35,8 @@ PREPARED_KIND = "prepared"
 
 
 def prepared_source_spec(data: str, split: str | None) -> str:
-  """The `open_source` spec for a prepared dataset (spcl_jax.data.prepared's kind)."""
-  # spcl_jax.data.prepared's syntax: prepared:OUT_DIR[,split=S][,views=...][,fraction=...]
+  """The `open_source` spec for a prepared dataset (spcl_jax.data.prepared_folder's kind)."""
+  # spcl_jax.data.prepared_folder's syntax: prepared:OUT_DIR[,split=S][,views=...][,fraction=...]
   return f"{PREPARED_KIND}:{data}" if split is None else f"{PREPARED_KIND}:{data},split={split}"
 
 
@@ -108,7 +108,7 @@ def write_features(features: dict[str, np.ndarray], pretrained: PretrainedEncode
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = cli_errors.ArgumentParser(
+  parser = command_line.ArgumentParser(
       prog="python -m spcl_jax.extract",
       description="CLS features (and optionally mean patch tokens) of whole images.")
   parser.add_argument("--workdir", required=True, help="the pre-training workdir")
@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {out}: {len(features['names'])} images, features of width "
           f"{features['cls'].shape[1]} (checkpoint step {pretrained.step})")
     return 0
-  # One `error:` line naming the file or field, not a traceback (spcl_jax.cli_errors).
+  # One `error:` line naming the file or field, not a traceback (spcl_jax.command_line).
   return run_command(extract, debug=args.debug)
 
 

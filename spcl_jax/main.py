@@ -12,7 +12,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from spcl_jax import cli_errors
+from spcl_jax import command_line
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None,
@@ -35,16 +35,16 @@ flags.DEFINE_list("allow_config_change", [],
                   "they decide what is trained; recorded in WORKDIR/history.jsonl.")
 flags.DEFINE_bool("debug", False, "Print the full traceback of an error.")
 flags.mark_flags_as_required(["config", "workdir"])
-parse_flags = cli_errors.absl_flags_parser(FLAGS)
+parse_flags = command_line.absl_flags_parser(FLAGS)
 
 
 def main(argv):
   if len(argv) > 1:
-    cli_errors.fail_usage(f"unexpected arguments: {' '.join(argv[1:])}")
+    command_line.fail_usage(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   # orbax and grain log every file operation at INFO through absl: keep warnings only.
   absl_logging.set_verbosity(absl_logging.WARNING)
-  sys.exit(cli_errors.run_command(_train, debug=FLAGS.debug))
+  sys.exit(command_line.run_command(_train, debug=FLAGS.debug))
 
 
 def _train() -> int:
@@ -53,7 +53,7 @@ def _train() -> int:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id)
   from spcl_jax import evaluators, train  # pylint: disable=g-import-not-at-top
-  config = cli_errors.loaded_config(FLAGS)
+  config = command_line.loaded_config(FLAGS)
   summary = train.train_and_evaluate(config, FLAGS.workdir, restore_step=FLAGS.restore_step,
                                      allow_config_changes=FLAGS.allow_config_change)
   if jax.process_index() == 0:

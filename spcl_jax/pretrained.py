@@ -12,13 +12,11 @@ import pathlib
 from typing import Any
 
 import flax
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from spcl_jax import checkpoint
-from spcl_jax.models.vit import VisionTransformer, build_encoder
+from spcl_jax.models.vit import VisionTransformer, abstract_params, build_encoder
 from spcl_jax.run_info import read_run_info
 from spcl_jax.workdir_path import as_path, check_store_client
 
@@ -78,15 +76,6 @@ def load_pretrained(workdir: str | pathlib.Path, step: int | None = None,
   encoder = params["encoder"]
   check_params_fit_model(model, encoder, f"checkpoint step {step} of {str(workdir)!r}")
   return PretrainedEncoder(workdir=workdir, step=step, info=info, model=model, params=encoder)
-
-
-def abstract_params(model: VisionTransformer) -> dict[str, Any]:
-  """The parameter tree `model` expects, as shapes only (nothing is computed)."""
-  n = model.num_patches
-  patches = jax.ShapeDtypeStruct((1, n, model.patch_size ** 2 * model.channels), jnp.float32)
-  positions = jax.ShapeDtypeStruct((1, n), jnp.int32)
-  variables = jax.eval_shape(model.init, jax.random.key(0), patches, positions)
-  return flax.core.meta.unbox(variables["params"])
 
 
 def check_params_fit_model(model: VisionTransformer, params: Any, where: str) -> None:

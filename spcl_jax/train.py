@@ -29,7 +29,7 @@ from spcl_jax.configuration import ConfigError, resolve_batch_size, validate_con
 from spcl_jax.data import pipeline
 from spcl_jax.data.sources import open_source
 from spcl_jax.engine import NonFiniteLossError  # noqa: F401  (raised by the engine's loop)
-from spcl_jax.workdir_path import as_path
+from spcl_jax.workdir_path import as_path, check_store_client
 
 log = logging.getLogger("spcl_jax")
 
@@ -178,6 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   `allow_config_changes` names locked config fields this resume may change (run_info.LOCKED).
   """
   workdir = as_path(workdir)  # a gs:// URL stays a URL (never a local folder 'gs:')
+  check_store_client(workdir)  # before the resume check below reads the workdir
   mesh, config = _validated_mesh(config)
   if jax.process_index() == 0:  # read-only, and cheap: refuse a bad resume before building
     run_info.check_resume(workdir, config, allow_config_changes)

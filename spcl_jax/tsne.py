@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from spcl_jax import cli_errors
+from spcl_jax import command_line
 from spcl_jax.atomic_file import local_output
 from spcl_jax.workdir_path import as_path
 
@@ -42,7 +42,7 @@ MIN_POINTS = 4  # t-SNE needs a few neighbours per point
 def prepared_labels(data: str) -> dict[str, str]:
   """name -> label for every record of a prepared folder (see the module docstring)."""
   from spcl_jax.data.datasets import manifest  # pylint: disable=g-import-not-at-top
-  from spcl_jax.data.prepared import PreparedFolder  # pylint: disable=g-import-not-at-top
+  from spcl_jax.data.prepared_folder import PreparedFolder  # pylint: disable=g-import-not-at-top
   folder = PreparedFolder(data)
   findings = list(folder.module.LABELS)
   if not findings:
@@ -211,7 +211,7 @@ def features_from_workdir(args: argparse.Namespace):
 # ---- command line ---------------------------------------------------------------------------
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = cli_errors.ArgumentParser(prog="python -m spcl_jax.tsne",
+  parser = command_line.ArgumentParser(prog="python -m spcl_jax.tsne",
                                    description="t-SNE scatter of pre-trained features (Figure 3).")
   parser.add_argument("--workdir", help="the pre-training workdir (features computed here)")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
@@ -281,8 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = ", ".join(f"{label} (n={count})" for label, count in counts)
     print(f"wrote {figure} and {table}: {summary}")
     return 0
-  # One `error:` line naming the file or field, not a traceback (spcl_jax.cli_errors).
-  return cli_errors.run_command(tsne, debug=args.debug)
+  # One `error:` line naming the file or field, not a traceback (spcl_jax.command_line).
+  return command_line.run_command(tsne, debug=args.debug)
 
 
 if __name__ == "__main__":

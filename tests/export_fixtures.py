@@ -21,9 +21,8 @@ from spcl_jax.configs.default import get_config
 from spcl_jax import checkpoint
 from spcl_jax.data.decode import decode_image
 from spcl_jax.data.sources import SAMPLE_DIR, FolderSource
-from spcl_jax.models.vit import build_encoder, encode_images
+from spcl_jax.models.vit import abstract_params, build_encoder, encode_images
 from spcl_jax.data.normalize import normalize_uint8
-from spcl_jax.pretrained import abstract_params
 from spcl_jax.run_info import write_run_info
 
 # Parity is checked in float32 on CPU on both sides; accelerator defaults round matmuls.

@@ -57,8 +57,8 @@ def test_folder_image_below_the_minimum_side_is_an_error_naming_it(tmp_path):
 def test_prepared_is_a_built_in_source_whose_import_errors_surface(monkeypatch):
   assert sources.source_kinds() == ["folder", "prepared", "sample"]
   import spcl_jax.data  # pylint: disable=g-import-not-at-top
-  monkeypatch.delattr(spcl_jax.data, "prepared", raising=False)
-  monkeypatch.setitem(sys.modules, "spcl_jax.data.prepared", None)  # its import now fails
+  monkeypatch.delattr(spcl_jax.data, "prepared_folder", raising=False)
+  monkeypatch.setitem(sys.modules, "spcl_jax.data.prepared_folder", None)  # its import now fails
   with pytest.raises(ImportError):
     sources.open_source("prepared:/data/prepared/nih")
 

@@ -9,7 +9,7 @@ import pytest
 
 import data_fixtures as fx
 from spcl_jax.data import prepare, splits
-from spcl_jax.data.prepared import LabelledSource, PreparedFolder
+from spcl_jax.data.prepared_folder import LabelledSource, PreparedFolder
 
 SIZE = 32
 OFFICIAL = ("official_train", "official_val", "official_test")

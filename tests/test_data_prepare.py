@@ -9,7 +9,7 @@ import pytest
 
 import data_fixtures as fx
 from spcl_jax.data import decode, prepare, sources, splits
-from spcl_jax.data.prepared import LabelledSource, PreparedSource
+from spcl_jax.data.prepared_folder import LabelledSource, PreparedSource
 
 SIZE = 32
 

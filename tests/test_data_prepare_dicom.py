@@ -7,7 +7,7 @@ from PIL import Image
 
 import data_fixtures as fx
 from spcl_jax.data import decode, prepare, rle
-from spcl_jax.data.prepared import LabelledSource
+from spcl_jax.data.prepared_folder import LabelledSource
 
 SIZE = 32
 

@@ -7,7 +7,7 @@ import pytest
 
 import data_fixtures as fx
 from spcl_jax.data import decode, prepare, sources
-from spcl_jax.data.prepared import parse_argument
+from spcl_jax.data.prepared_folder import parse_argument
 
 MIMIC_ROWS = [("a1", 10000032, 50414267, "PA"), ("a2", 10000032, 50414267, "LATERAL"),
               ("b1", 10000764, 57375967, "AP"), ("b2", 10000764, 57375967, ""),

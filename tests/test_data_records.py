@@ -8,7 +8,7 @@ from PIL import Image
 import data_fixtures as fx
 from spcl_jax.data import decode, prepare
 from spcl_jax.data.datasets import records
-from spcl_jax.data.prepared import PreparedSource
+from spcl_jax.data.prepared_folder import PreparedSource
 
 
 def _jpeg(array: np.ndarray) -> bytes:

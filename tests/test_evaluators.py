@@ -13,7 +13,7 @@ from spcl_jax import auc, evaluate, evaluators, sharding, steps
 from spcl_jax.configuration import ConfigError, validate_config
 from spcl_jax.data import eval_splits, prepare
 from spcl_jax.data.eval_splits import LabelledSplit
-from spcl_jax.data.prepared import LabelledSource, PreparedSource
+from spcl_jax.data.prepared_folder import LabelledSource, PreparedSource
 from spcl_jax.data.sources import SAMPLE_DIR, FolderSource
 from spcl_jax.evaluators import frozen_features
 from spcl_jax.evaluators.knn import knn_scores

@@ -10,7 +10,7 @@ import pytest
 
 from export_fixtures import make_config, make_workdir
 from spcl_jax.export.__main__ import main
-from spcl_jax.export.npz_format import read_npz
+from spcl_jax.weights.npz_format import read_npz
 from spcl_jax.run_info import write_run_info
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]

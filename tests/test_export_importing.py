@@ -5,8 +5,9 @@ import pytest
 
 from export_fixtures import (TOLERANCE, jax_cls_features, make_config, make_workdir,
                              max_abs_diff, sample_images, torch_input)
-from spcl_jax.export import export_checkpoint, npz_format
-from spcl_jax.export.importing import import_encoder
+from spcl_jax.export import export_checkpoint
+from spcl_jax.weights import npz_format
+from spcl_jax.weights.importing import import_encoder
 from spcl_jax.models.vit import sincos_2d_posemb
 
 VARIANT, IMAGE_SIZE = "pico/16", 64
@@ -202,7 +203,7 @@ def test_avg_pool_classifier_brings_fc_norm_and_head(tmp_path):
 
 def test_encoder_without_final_norm_exports_without_norm(exported):
   # A classifier pooled through fc_norm keeps no encoder_norm; timm has no `norm` then.
-  from spcl_jax.export import layout
+  from spcl_jax.weights import layout
   _, params, _ = exported
   trimmed = {**params, "Transformer": {k: v for k, v in params["Transformer"].items()
                                        if k != "encoder_norm"}}

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from export_fixtures import make_config, random_encoder_params
-from spcl_jax.export import layout, npz_format
+from spcl_jax.weights import layout, npz_format
 from spcl_jax.models.vit import sincos_2d_posemb
 
 

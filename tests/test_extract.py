@@ -117,7 +117,7 @@ def test_missing_or_empty_image_folder_is_named(run, tmp_path, capsys):
 def test_missing_output_folder_fails_before_extracting(run, tmp_path, capsys):
   code = extract.main(["--workdir", str(run["workdir"]), "--images", str(SAMPLE_DIR),
                        "--out", str(tmp_path / "no" / "f.npz"), "--no-progress"])
-  assert code == 2  # a usage error (spcl_jax.cli_errors)
+  assert code == 2  # a usage error (spcl_jax.command_line)
   err = capsys.readouterr().err
   assert "--out" in err and "does not exist" in err and "16/16" not in err
 

@@ -31,7 +31,7 @@ import pytest
 import finetune_fixtures as ff
 from export_fixtures import make_workdir
 from run_safety_fixtures import read_metrics, truncate_params
-from spcl_jax import checkpoint, cli_errors, engine, run_info, workdir_lock
+from spcl_jax import checkpoint, command_line, engine, run_info, workdir_lock
 from spcl_jax.finetune import results, trainer
 from spcl_jax.preemption import StopRequest
 
@@ -209,7 +209,7 @@ def test_user_split_files_are_read_and_a_single_valued_val_class_is_an_error(pre
                                                                              tmp_path):
   from spcl_jax.auc import SingleClassError
   from spcl_jax.data import splits
-  from spcl_jax.data.prepared import LabelledSource
+  from spcl_jax.data.prepared_folder import LabelledSource
   out = prepared["nih14"]
   val = LabelledSource(out, "val")
   same = [i for i in range(len(val)) if (val.targets[i] == val.targets[0]).all()]
@@ -249,7 +249,7 @@ def test_records_are_opened_in_the_main_thread_before_any_pipeline_thread_reads(
   """Several data-loading threads importing TFDS at once deadlocked a start: the sources open
   their records when made, in the caller's thread; the pipeline's threads only read."""
   import threading
-  from spcl_jax.data.prepared import PreparedFolder
+  from spcl_jax.data.prepared_folder import PreparedFolder
   from spcl_jax.finetune import data
   events = []
   opening, reading = PreparedFolder._open_records, PreparedFolder.record  # pylint: disable=protected-access
@@ -342,6 +342,7 @@ def run_killed_at(config, workdir, moment: str, at_step: int) -> None:
 
 @pytest.mark.parametrize("moment,at_step", [("train_step", 6), ("val", 8), ("best_save", None),
                                             ("test", 8)])
+@pytest.mark.slow
 def test_a_run_killed_at_a_named_moment_resumes_to_the_same_results(reference, tmp_path,
                                                                     moment, at_step):
   config, reference_dir, results = reference
@@ -357,6 +358,7 @@ def test_a_run_killed_at_a_named_moment_resumes_to_the_same_results(reference, t
       results["val_best"]["step"]]
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_workdir_in_use_refuses_naming_the_holder(reference, tmp_path):
   config = reference[0]
   holder = workdir_lock.WorkdirLock(tmp_path)
@@ -366,11 +368,12 @@ def test_a_second_run_on_a_workdir_in_use_refuses_naming_the_holder(reference, t
       trainer.train_and_evaluate(config, str(tmp_path))
   finally:
     holder.release()
-  line = cli_errors.one_line(error.value)
+  line = command_line.one_line(error.value)
   assert f"in use by PID {os.getpid()}" in line and "\n" not in line
   assert [p.name for p in tmp_path.iterdir()] == [workdir_lock.FILENAME]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["truncated latest checkpoint", "--restore_step=4"])
 def test_a_run_resumed_from_an_earlier_checkpoint_ends_the_same(reference, tmp_path, capsys,
                                                                 fault):
@@ -389,6 +392,7 @@ def test_a_run_resumed_from_an_earlier_checkpoint_ends_the_same(reference, tmp_p
   assert comparable(workdir) == comparable(reference_dir)
 
 
+@pytest.mark.slow
 def test_a_resume_changes_only_free_or_named_fields(reference, tmp_path, capsys):
   config, reference_dir, results = reference
   workdir = copy_of(reference_dir, tmp_path)
@@ -398,7 +402,7 @@ def test_a_resume_changes_only_free_or_named_fields(reference, tmp_path, capsys)
   with pytest.raises(run_info.LockedFieldChangedError) as error:
     trainer.train_and_evaluate(other_lr, str(workdir))
   assert "optim.learning_rate" in str(error.value)
-  assert cli_errors.exit_code_for(error.value) == 2  # the CLI's exit code
+  assert command_line.exit_code_for(error.value) == 2  # the CLI's exit code
   assert len(run_info.read_history(workdir)) == starts  # nothing recorded
   free = config.copy_and_resolve_references()
   free.log_every_steps = 2
@@ -412,6 +416,7 @@ def test_a_resume_changes_only_free_or_named_fields(reference, tmp_path, capsys)
           "overridden": True} in changes[1]
 
 
+@pytest.mark.slow
 def test_a_bad_init_is_refused_before_anything_is_written(reference, tmp_path):
   config = reference[0].copy_and_resolve_references()
   config.init = str(reference[1])

@@ -14,8 +14,8 @@ GRAPH = import_graph.edges()
 UPWARD = [
     ("spcl_jax.errors", ("spcl_jax.",)),
     ("spcl_jax.workdir_path", ("spcl_jax.",)),
-    ("spcl_jax.cli_errors", ("spcl_jax.configuration", "spcl_jax.models", "spcl_jax.data")),
-    ("spcl_jax.atomic_file", ("spcl_jax.cli_errors", "spcl_jax.configuration")),
+    ("spcl_jax.command_line", ("spcl_jax.configuration", "spcl_jax.models", "spcl_jax.data")),
+    ("spcl_jax.atomic_file", ("spcl_jax.command_line", "spcl_jax.configuration")),
     ("spcl_jax.data", ("spcl_jax.models", "spcl_jax.steps", "spcl_jax.train", "spcl_jax.finetune",
                        "spcl_jax.evaluators", "spcl_jax.export", "spcl_jax.report",
                        "spcl_jax.configuration", "spcl_jax.metrics", "spcl_jax.run_info")),
@@ -25,6 +25,10 @@ UPWARD = [
     ("spcl_jax.losses", ("spcl_jax.",)),
     ("spcl_jax.evaluators", ("spcl_jax.train", "spcl_jax.finetune", "spcl_jax.report")),
     ("spcl_jax.export", ("spcl_jax.train", "spcl_jax.finetune", "spcl_jax.steps")),
+    ("spcl_jax.weights", ("spcl_jax.export", "spcl_jax.finetune", "spcl_jax.train",
+                          "spcl_jax.pretrained", "spcl_jax.checkpoint", "spcl_jax.run_info")),
+    ("spcl_jax.finetune", ("spcl_jax.train", "spcl_jax.main", "spcl_jax.export")),
+    ("spcl_jax.engine", ("spcl_jax.train", "spcl_jax.finetune", "spcl_jax.main")),
     ("spcl_jax.report", ("spcl_jax.train", "spcl_jax.finetune.trainer", "spcl_jax.steps")),
 ]
 

@@ -12,7 +12,7 @@ from spcl_jax.models import vit
 
 def tiny_model_config(**overrides):
   cfg = ml_collections.ConfigDict(dict(variant="pico/16", image_size=64, channels=1,
-                                       dtype="float32", attention_impl="", remat=False))
+                                       dtype="float32", attention_impl="auto", remat="none"))
   cfg.update(overrides)
   return cfg
 
@@ -126,7 +126,7 @@ def test_remat_and_bfloat16_keep_parameters_and_outputs_close():
   params = nn.unbox(init(model))["params"]
   images = jnp.asarray(np.random.default_rng(2).normal(size=(2, 64, 64)), jnp.float32)
   ref = vit.encode_images(model, params, images)
-  remat = vit.build_encoder(tiny_model_config(remat=True))
+  remat = vit.build_encoder(tiny_model_config(remat="full"))
   np.testing.assert_allclose(vit.encode_images(remat, params, images), ref, atol=1e-5)
   bf16 = vit.build_encoder(tiny_model_config(dtype="bfloat16"))
   out = vit.encode_images(bf16, params, images)

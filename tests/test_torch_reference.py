@@ -18,7 +18,7 @@ import torch  # the suite needs the torch extra (pip install -e '.[test,torch]')
 from spcl_jax import losses, optimizer, sharding, steps
 from spcl_jax.bench import torch_reference
 from spcl_jax.configs import demo
-from spcl_jax.export.layout import timm_state_dict
+from spcl_jax.weights.layout import timm_state_dict
 
 BATCH, SIZE = 8, 64
 

@@ -177,7 +177,7 @@ def main(argv: list[str]) -> int:
             f"({r['cores_for_target']} cores for {args.target_rate:g} images/s), PSNR >= "
             f"{r['min_psnr_db'] or float('inf'):.1f} dB, max abs error {r['max_abs_error']}")
   if args.data:
-    from spcl_jax.data.prepared import PreparedSource  # pylint: disable=g-import-not-at-top
+    from spcl_jax.data.prepared_folder import PreparedSource  # pylint: disable=g-import-not-at-top
     source = PreparedSource(pathlib.Path(args.data), split=args.split, views=args.views)
     image_size = source.folder.report["settings"]["image_size"]
     results["data"] = {"path": str(args.data), "images": len(source), "image_size": image_size,

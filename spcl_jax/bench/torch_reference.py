@@ -34,7 +34,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from spcl_jax import masking
-from spcl_jax.export.layout import pos_embed_with_cls_row, timm_state_dict
+from spcl_jax.weights.layout import pos_embed_with_cls_row, timm_state_dict
 from spcl_jax.models.vit import sincos_2d_posemb, variant_dims
 
 SIMILARITIES = ("tsp", "cosine")

@@ -37,8 +37,8 @@ def held_out_source_spec(train_spec: str) -> str | None:
   kind, argument = split_source_spec(train_spec)
   if kind != "prepared":
     return None
-  from spcl_jax.data import prepared  # pylint: disable=g-import-not-at-top
-  out_dir, options = prepared.parse_argument(argument)
+  from spcl_jax.data import prepared_folder  # pylint: disable=g-import-not-at-top
+  out_dir, options = prepared_folder.parse_argument(argument)
   if options["split"] != "train":
     return None  # 'all' contains val; the other splits have no disjoint partner we may use
   return f"prepared:{out_dir},split=val,views={options['views']}"
@@ -116,9 +116,9 @@ def open_labelled(data: str, split: str, classes: Sequence[str] = ()) -> Labelle
     indices, labels = sample_split(folder, split)
     source, names, where = Subset(folder, indices), SAMPLE_CLASSES, f"sample, {split} patients"
   elif kind == "prepared":
-    from spcl_jax.data import prepared  # pylint: disable=g-import-not-at-top
-    out_dir, options = prepared.parse_argument(argument)
-    source = prepared.LabelledSource(out_dir, split=split, views=options["views"])
+    from spcl_jax.data import prepared_folder  # pylint: disable=g-import-not-at-top
+    out_dir, options = prepared_folder.parse_argument(argument)
+    source = prepared_folder.LabelledSource(out_dir, split=split, views=options["views"])
     labels, names = np.asarray(source.targets), tuple(source.label_names)
     where = f"{out_dir}, split {split}"
   else:

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 
-from spcl_jax import cli_errors, errors
+from spcl_jax import command_line, errors
 from spcl_jax.atomic_file import local_output
 from spcl_jax.data import decode
 from spcl_jax.data import splits as splits_lib
@@ -40,7 +40,7 @@ VIEWS = ("frontal", "all")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-  parser = cli_errors.ArgumentParser(prog="python -m spcl_jax.data.prepare", description=__doc__,
+  parser = command_line.ArgumentParser(prog="python -m spcl_jax.data.prepare", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("dataset", choices=DATASET_NAMES)
   parser.add_argument("--src", help="the raw download folder (with --splits-only: default the "
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     print_summary(report, pathlib.Path(args.out).expanduser())
     return 0
   # One `error:` line for anything unexpected too; the traceback only with --debug.
-  return cli_errors.run_command(run, debug=args.debug)
+  return command_line.run_command(run, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -109,8 +109,8 @@ def _folder_source(argument: str) -> FolderSource:
 
 def _prepared_source(argument: str) -> ImageSource:
   # Imported on use: the prepared-folder readers pull in array_record and the dataset modules.
-  from spcl_jax.data import prepared  # pylint: disable=g-import-not-at-top
-  return prepared.open_prepared(argument)
+  from spcl_jax.data import prepared_folder  # pylint: disable=g-import-not-at-top
+  return prepared_folder.open_prepared(argument)
 
 
 _SOURCE_KINDS: dict[str, Callable[[str], ImageSource]] = {

@@ -5,8 +5,9 @@
 
 A fine-tuning workdir (python -m spcl_jax.finetune) exports its classifier, head included, to
 timm (`classifier.py`; the best-on-val parameters unless --step). Only the `params` item of the
-checkpoint is restored (see `spcl_jax.pretrained`). The layouts are
-in `layout.py` (timm / Medical MAE) and `npz_format.py`; docs/export.md is the user's guide.
+checkpoint is restored (see `spcl_jax.pretrained`). The layouts are in the weight-format package
+`spcl_jax.weights` (`layout.py`: timm / Medical MAE; `npz_format.py`), which fine-tuning's
+`config.init` also reads files with; docs/export.md is the user's guide.
 torch is needed for the medical_mae format only (imported when it writes); the timm format needs
 `safetensors` (with numpy, not torch).
 """
@@ -17,9 +18,10 @@ import os
 import pathlib
 
 from spcl_jax.atomic_file import check_writable, local_output
-from spcl_jax.export import classifier, layout, medical_mae, npz_format, timm_format
+from spcl_jax.export import classifier, medical_mae, timm_format
 from spcl_jax.pretrained import PretrainedEncoder, load_pretrained
 from spcl_jax.run_info import read_run_info
+from spcl_jax.weights import layout, npz_format
 from spcl_jax.workdir_path import as_path, check_store_client
 
 # The file each format writes (timm's JSON sidecar goes beside its .safetensors).

@@ -6,14 +6,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from spcl_jax import cli_errors
-from spcl_jax.cli_errors import run_command
+from spcl_jax import command_line
+from spcl_jax.command_line import run_command
 from spcl_jax.export import FORMATS, export_checkpoint
-from spcl_jax.export.layout import SUPPORTED_IN_CHANS
+from spcl_jax.weights.layout import SUPPORTED_IN_CHANS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  parser = cli_errors.ArgumentParser(
+  parser = command_line.ArgumentParser(
       prog="python -m spcl_jax.export",
       description="Export the encoder of an S-PCL pre-training checkpoint to PyTorch.")
   parser.add_argument("--workdir", required=True, help="the pre-training workdir")
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in written:
       print(f"wrote {path}")
     return 0
-  # One `error:` line naming the file or field, not a traceback (spcl_jax.cli_errors).
+  # One `error:` line naming the file or field, not a traceback (spcl_jax.command_line).
   return run_command(export, debug=args.debug)
 
 

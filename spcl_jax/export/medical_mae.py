@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import pathlib
 
-from spcl_jax.export.layout import timm_state_dict
+from spcl_jax.weights.layout import timm_state_dict
 from spcl_jax.atomic_file import write_atomically
 from spcl_jax.export.timm_format import describe_export
 from spcl_jax.pretrained import PretrainedEncoder

@@ -23,7 +23,7 @@ import numpy as np
 
 import spcl_jax
 from spcl_jax.atomic_file import write_atomically
-from spcl_jax.export.layout import timm_kwargs, timm_state_dict
+from spcl_jax.weights.layout import timm_kwargs, timm_state_dict
 from spcl_jax.pretrained import PretrainedEncoder
 from spcl_jax.workdir_path import as_path
 

@@ -15,7 +15,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from spcl_jax import cli_errors
+from spcl_jax import command_line
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "configs/finetune/{nih14,chexpert,rsna,siim}.py[:preset]",
@@ -36,17 +36,17 @@ flags.DEFINE_list("allow_config_change", [],
                   "decide what is trained; recorded in WORKDIR/history.jsonl.")
 flags.DEFINE_bool("debug", False, "Print the full traceback of an error.")
 flags.mark_flags_as_required(["config", "workdir"])
-parse_flags = cli_errors.absl_flags_parser(FLAGS)
+parse_flags = command_line.absl_flags_parser(FLAGS)
 
 
 def main(argv):
   if len(argv) > 1:
-    cli_errors.fail_usage(f"unexpected arguments: {' '.join(argv[1:])}")
+    command_line.fail_usage(f"unexpected arguments: {' '.join(argv[1:])}")
   if FLAGS.seeds < 1:
-    cli_errors.fail_usage(f"--seeds={FLAGS.seeds} must be >= 1")
+    command_line.fail_usage(f"--seeds={FLAGS.seeds} must be >= 1")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   absl_logging.set_verbosity(absl_logging.WARNING)
-  sys.exit(cli_errors.run_command(_finetune, debug=FLAGS.debug))
+  sys.exit(command_line.run_command(_finetune, debug=FLAGS.debug))
 
 
 def _finetune() -> int:
@@ -54,7 +54,7 @@ def _finetune() -> int:
   if FLAGS.distributed:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id)
-  config = cli_errors.loaded_config(FLAGS)
+  config = command_line.loaded_config(FLAGS)
   from spcl_jax.finetune import trainer  # pylint: disable=g-import-not-at-top
   trainer.train_seeds(config, FLAGS.workdir, FLAGS.seeds, restore_step=FLAGS.restore_step,
                       allow_config_changes=FLAGS.allow_config_change)

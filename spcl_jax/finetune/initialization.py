@@ -6,7 +6,7 @@
   FILE.safetensors  a timm ViT state dict          (kind 'timm')
   FILE.pth          a Medical MAE checkpoint       (kind 'medical_mae')
   FILE.npz          big_vision / our npz export    (kind 'big_vision')
-Files are read by `spcl_jax.export.importing` (the export's mapping run backwards). With
+Files are read by `spcl_jax.weights.importing` (the export's mapping run backwards). With
 `config.model.pool = 'avg'` the encoder's final norm is not part of the classifier (timm drops
 it too, `fc_norm=True`); with 'cls' it is kept.
 """
@@ -51,7 +51,7 @@ def load_init(init: str, init_step: int = -1, image_size: int | None = None) -> 
     return Init("spcl", str(path), pretrained.step, pretrained.params,
                 (pretrained.mean, pretrained.std))
   if path.suffix in FILE_KINDS and not is_url(path) and path.is_file():
-    from spcl_jax.export import importing  # pylint: disable=g-import-not-at-top
+    from spcl_jax.weights import importing  # pylint: disable=g-import-not-at-top
     params, info = importing.import_encoder(path, in_chans=1, image_size=image_size)
     if not info["pos_embedding_is_sincos"]:
       # Our encoder adds the fixed 2-D sin-cos table; a learnt table has nowhere to go, and

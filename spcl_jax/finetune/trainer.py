@@ -48,12 +48,7 @@ def _keys(seed: int) -> dict[str, jax.Array]:
 
 def finetune_flops_per_image(config: ml_collections.ConfigDict) -> float:
   """Forward + backward (3x forward) of one whole image: patch embedding and blocks."""
-  dims = variant_dims(config.model.variant)
-  p, width = dims["patch_size"], dims["width"]
-  n = (config.model.image_size // p) ** 2
-  embed = 2 * n * p * p * config.model.channels * width
-  return 3.0 * (embed + metrics.encoder_forward_flops(n + 1, width, dims["depth"],
-                                                      dims["mlp_dim"]))
+  return 3.0 * metrics.image_forward_flops(config)
 
 
 def predict(ft: FineTuning, params: Any, dataset: Any, num_images: int) -> np.ndarray:

@@ -331,6 +331,15 @@ def _conv_lecun_init(fan_in: int) -> Callable[..., jax.Array]:
   return init
 
 
+def abstract_params(model: VisionTransformer) -> dict[str, Any]:
+  """The parameter tree `model` expects, as shapes only (nothing is computed)."""
+  n = model.num_patches
+  patches = jax.ShapeDtypeStruct((1, n, model.patch_size ** 2 * model.channels), jnp.float32)
+  positions = jax.ShapeDtypeStruct((1, n), jnp.int32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), patches, positions)
+  return nn.unbox(variables["params"])
+
+
 def build_encoder(model_config: Any, dtype: Dtype | None = None) -> VisionTransformer:
   """`config.model` (variant, image_size, channels, dtype, attention_impl,
   attention_seq_multiple, remat) -> module, with the attention kernel chosen for this device."""

@@ -14,7 +14,7 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-from spcl_jax import cli_errors, downstream
+from spcl_jax import command_line, downstream
 from spcl_jax.atomic_file import local_output
 from spcl_jax.report import runs, tables
 
@@ -78,7 +78,7 @@ def write(out: pathlib.Path, built: list[tables.Table], lines: list[dict[str, ob
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = cli_errors.ArgumentParser(prog="python -m spcl_jax.report",
+  parser = command_line.ArgumentParser(prog="python -m spcl_jax.report",
                                    description="The paper's Tables 1-4 from results.json files.")
   parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                       help="fine-tuning workdir, results.json, or a folder of runs")
@@ -110,8 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {len(built)} tables (.md, .csv), tables.md and runs.csv to {args.out} from "
           f"{len(lines)} results file(s)")
     return 0
-  # One `error:` line naming the file or field, not a traceback (spcl_jax.cli_errors).
-  return cli_errors.run_command(report, debug=args.debug)
+  # One `error:` line naming the file or field, not a traceback (spcl_jax.command_line).
+  return command_line.run_command(report, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ from typing import Any
 import flax
 import numpy as np
 
-from spcl_jax.export import layout, npz_format
-from spcl_jax.models.vit import VARIANTS, VisionTransformer, sincos_2d_posemb
+from spcl_jax.weights import layout, npz_format
+from spcl_jax.models.vit import VARIANTS, VisionTransformer, abstract_params, sincos_2d_posemb
 
 FORMAT_OF_SUFFIX = {".safetensors": "timm", ".pth": "medical_mae", ".pt": "medical_mae",
                     ".npz": "big_vision"}
@@ -257,7 +257,6 @@ def _convert_channels(kernel: np.ndarray, in_chans: int | None, path: pathlib.Pa
 
 def _check_against_model(params: dict[str, Any], arch: dict[str, int], grid: int,
                          path: pathlib.Path) -> None:
-  from spcl_jax.pretrained import abstract_params  # pylint: disable=g-import-not-at-top
   model = VisionTransformer(width=arch["width"], depth=arch["depth"],
                             num_heads=arch["num_heads"], mlp_dim=arch["mlp_dim"],
                             patch_size=arch["patch_size"], image_size=grid * arch["patch_size"],

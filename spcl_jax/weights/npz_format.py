@@ -19,7 +19,7 @@ import flax
 import numpy as np
 
 from spcl_jax.atomic_file import write_atomically
-from spcl_jax.export.layout import spread_over_channels
+from spcl_jax.weights.layout import spread_over_channels
 from spcl_jax.models.vit import sincos_2d_posemb
 
 POS_EMBEDDING = "pos_embedding"

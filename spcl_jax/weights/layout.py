@@ -11,7 +11,7 @@ Keys and layouts (docs/method.md §8):
   norm                                  <- Transformer/encoder_norm
 
 Medical MAE's ViT is timm's with the same keys, so both formats use this one mapping, and
-importing (`spcl_jax/export/importing.py`) runs the same table backwards (`params_from_timm`).
+importing (`spcl_jax/weights/importing.py`) runs the same table backwards (`params_from_timm`).
 """
 
 from __future__ import annotations
