@@ -20,7 +20,7 @@ from spcl_jax.preemption import StopRequest
 TOP_LEVEL_KEYS = {"format", "task", "protocol", "label_fraction", "split_scheme", "init",
                   "metric", "classes", "val_best", "test_at_best_val", "test_at_last_epoch",
                   "seeds", "config", "split_hashes", "git_commit", "versions",
-                  "accelerator_seconds", "device_kind", "num_devices"}
+                  "accelerator_seconds", "device_kind", "num_devices", "predictions"}
 TEST_KEYS = {"epoch", "step", "macro_auc", "per_class", "ci95", "num_images"}
 
 
@@ -72,8 +72,9 @@ def test_nih_run_selects_on_val_scores_test_once_and_writes_results(nih_run):
   assert (saved["task"], saved["label_fraction"], saved["split_scheme"]) == ("nih14", 100,
                                                                              "paper")
   assert saved["classes"][0] == "Atelectasis" and len(saved["classes"]) == 14
-  # val (10 images) after each of the 2 epochs, then test (5 images) twice, only at the end.
-  assert predicted == [10, 10, 5, 5]
+  # val (10 images) after each of the 2 epochs, then at the end val once more at the best
+  # epoch (its predictions CSV) and test (5 images) twice.
+  assert predicted == [10, 10, 10, 5, 5]
   history = json.loads((workdir / trainer.SELECTION_FILE).read_text())["history"]
   aucs = [history[str(e)]["macro_auc"] for e in (1, 2)]
   best_epoch = int(np.argmax(aucs)) + 1
@@ -89,6 +90,33 @@ def test_nih_run_selects_on_val_scores_test_once_and_writes_results(nih_run):
   sums = (ff_prepared_dir(config) / "splits/SHA256SUMS").read_text()
   assert all(f"{digest}  {stem}.txt" in sums for stem, digest in saved["split_hashes"].items())
   assert saved["config"]["model"]["variant"] == "pico/16"
+
+
+def test_predictions_csvs_recompute_results_json_aucs_with_scikit_learn(nih_run):
+  import hashlib
+  from sklearn.metrics import roc_auc_score
+  from spcl_jax.data.prepared import LabelledSource
+  from spcl_jax.finetune import predictions
+  config, workdir, outcome, _ = nih_run
+  listed = outcome["predictions"]
+  assert set(listed) == {"val_best_val", "test_best_val", "test_last_epoch"}
+  for key, entry in (("val_best_val", outcome["val_best"]),
+                     ("test_best_val", outcome["test_at_best_val"]),
+                     ("test_last_epoch", outcome["test_at_last_epoch"])):
+    path = workdir / listed[key]["file"]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == listed[key]["sha256"]
+    table = predictions.read_classification_csv(path)
+    assert table["classes"] == outcome["classes"]
+    per_class = [roc_auc_score(table["labels"][:, k], table["probs"][:, k])
+                 for k in range(len(table["classes"]))]
+    assert np.mean(per_class) == pytest.approx(entry["macro_auc"], abs=1e-12)
+    assert per_class == pytest.approx(list(entry["per_class"].values()), abs=1e-12)
+  # Rows are the split's images in record order, each with its own patient and targets.
+  test = LabelledSource(config.data.prepared, "test", "100", policy=config.chexpert_policy)
+  table = predictions.read_classification_csv(workdir / listed["test_best_val"]["file"])
+  assert table["names"] == [test.name(i) for i in range(len(test))]
+  assert table["patients"] == [str(int(n[:8])) for n in table["names"]]
+  np.testing.assert_array_equal(table["labels"], test.targets)
 
 
 def ff_prepared_dir(config):
@@ -126,7 +154,7 @@ def test_stopped_run_resumes_with_the_same_per_step_losses(nih_run, tmp_path):
 def test_chexpert_and_rsna_fine_tune_to_results(prepared, tmp_path, task):
   config = ff.finetune_config(task, prepared[task], epochs=1, **{"optim.warmup_epochs": 0})
   outcome, predicted = run(config, tmp_path)
-  assert predicted == [10, 5, 5]
+  assert predicted == [10, 10, 5, 5]
   expected_classes = {"chexpert": ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
                                    "Pleural Effusion"], "rsna": ["Pneumonia"]}[task]
   assert outcome["classes"] == expected_classes

@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from spcl_jax import accelerator_time, checkpoint, metrics, run_info, sharding, steps
-from spcl_jax.finetune import data, results
+from spcl_jax.finetune import data, predictions, results
 from spcl_jax.finetune.configuration import TASK_DATASETS, validate_finetune_config
 from spcl_jax.finetune.initialization import encoder_for_classifier, load_init
 from spcl_jax.finetune.steps import FineTuning, build_finetuning
@@ -274,9 +274,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     best_manager.close()
     return {"stopped_at_step": int(jax.device_get(state.step))}
 
+  writer = predictions.PredictionWriter(workdir, task.protocol, classes,
+                                        config.model.image_size, enabled=is_main)
   try:
     summary = _test_and_report(ft, config, state, sources, classes, selection, best_manager,
-                               init, total_steps, steps_per_epoch)
+                               init, total_steps, steps_per_epoch, writer)
   finally:
     best_manager.close()
   summary.update({k: clock.update()[k] for k in ("accelerator_seconds", "device_kind",
@@ -330,8 +332,9 @@ def _restore_best(best_manager, abstract_params) -> tuple[Any, int]:
 
 
 def _test_and_report(ft, config, state, sources, classes, selection, best_manager, init,
-                     total_steps, steps_per_epoch) -> dict[str, Any]:
-  """The test split, scored once at the best-on-val parameters and once at the last ones."""
+                     total_steps, steps_per_epoch, writer) -> dict[str, Any]:
+  """The test split, scored once at the best-on-val parameters and once at the last ones;
+  the per-image outputs of val (at best-val) and of both test scorings kept by `writer`."""
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
   test_ds = data.eval_dataset(config, sources["test"], **process)
   best = selection.history[selection.best_epoch]
@@ -341,10 +344,14 @@ def _test_and_report(ft, config, state, sources, classes, selection, best_manage
                        f"epoch ended at step {best['step']}")
   task = ft.task
   n_test = len(sources["test"])
+  val_ds = data.eval_dataset(config, sources["val"], **process)
+  writer.write("val", "best_val", sources["val"],
+               predict(ft, best_params, val_ds, len(sources["val"])))
   entries = {}
   for name, params, step in (("test_at_best_val", best_params, best["step"]),
                              ("test_at_last_epoch", state.params, total_steps)):
     outputs = predict(ft, params, test_ds, n_test)
+    writer.write("test", name.removeprefix("test_at_"), sources["test"], outputs)
     entries[name] = task.test_entry(step // steps_per_epoch, step, sources["test"], outputs,
                                     classes, config)
   return {
@@ -358,6 +365,7 @@ def _test_and_report(ft, config, state, sources, classes, selection, best_manage
       "classes": classes,
       "val_best": {k: best[k] for k in ("epoch", "step", *task.val_keys())},
       **entries,
+      "predictions": writer.listing(),
       "seeds": [int(config.seed)],
       "config": json.loads(config.to_json_best_effort()),
       "split_hashes": data.split_hashes(sources),
