@@ -119,6 +119,47 @@ def test_predictions_csvs_recompute_results_json_aucs_with_scikit_learn(nih_run)
   np.testing.assert_array_equal(table["labels"], test.targets)
 
 
+def test_predict_reproduces_the_runs_test_probabilities_and_reports_bad_files(nih_run,
+                                                                             tmp_path):
+  import data_fixtures as fx
+  from spcl_jax import predict
+  from spcl_jax.finetune import predictions
+  config, workdir, outcome, _ = nih_run
+  raw = ff_prepared_dir(config).parent / "raw/images"
+  table = predictions.read_classification_csv(
+      workdir / outcome["predictions"]["test_best_val"]["file"])
+  pixels = np.asarray(__import__("PIL.Image").Image.open(raw / table["names"][0]),
+                      np.uint16) << 4
+  # The same radiograph as MONOCHROME2 and as MONOCHROME1 (white = low), the latter without a
+  # suffix: prepare's decode inverts it, so both score alike.
+  (tmp_path / "mono2.dcm").write_bytes(fx.dicom_bytes(pixels))
+  (tmp_path / "mono1").write_bytes(fx.dicom_bytes(4095 - pixels, photometric="MONOCHROME1"))
+  fx.write_png(tmp_path / "tiny.png", np.zeros((20, 80), np.uint8))
+  (tmp_path / "broken.png").write_bytes(b"not an image")
+  listed = [str(raw / name) for name in table["names"]] + [
+      "mono2.dcm", "mono1", "tiny.png", "broken.png", "missing.png"]
+  (tmp_path / "list.txt").write_text("\n".join(listed) + "\n")
+  out = tmp_path / "preds.csv"
+  with contextlib.redirect_stdout(io.StringIO()):
+    code = predict.main(["--workdir", str(workdir), "--images", str(tmp_path / "list.txt"),
+                         "--out", str(out), "--batch-per-device", "1"])
+  assert code == 0
+  import csv
+  with open(out, newline="") as f:
+    rows = list(csv.DictReader(f))
+  probs = np.asarray([[float(r[f"prob_{c}"]) for c in table["classes"]] for r in rows])
+  n = len(table["names"])
+  assert [r["path"] for r in rows] == [str(raw / name) for name in table["names"]] + [
+      str(tmp_path / "mono2.dcm"), str(tmp_path / "mono1")]
+  np.testing.assert_allclose(probs[:n], table["probs"], rtol=0, atol=1e-5)
+  np.testing.assert_allclose(probs[n + 1], probs[n], rtol=0, atol=1e-5)
+  report = json.loads((tmp_path / "preds_report.json").read_text())
+  assert (report["images"], report["scored"]) == (n + 5, n + 2)
+  bad = {kind: [item["path"] for item in v["items"]] for kind, v in report["problems"].items()}
+  assert bad == {"too_small": [str(tmp_path / "tiny.png")],
+                 "undecodable": [str(tmp_path / "broken.png"), str(tmp_path / "missing.png")]}
+
+
 def ff_prepared_dir(config):
   import pathlib
   return pathlib.Path(config.data.prepared)

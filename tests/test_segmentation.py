@@ -249,6 +249,16 @@ def test_mgca_run_lowers_the_loss_selects_on_val_and_writes_results(mgca_run):
     assert set(entry["trivial"]) == set(dice.METRICS)
   info = json.loads((workdir / "config.json").read_text())
   assert info["segmenter"]["protocol"] == "mgca"
+  # Per-image counts kept: the test Dice is recomputed from the CSV.
+  import csv
+  with open(workdir / saved["predictions"]["test_best_val"]["file"], newline="") as f:
+    rows = list(csv.DictReader(f))
+  counts = np.asarray([[int(r["intersection"]), int(r["true_pixels"]), int(r["predicted_pixels"])]
+                       for r in rows])
+  assert len(rows) == 5
+  assert dice.dice_scores(counts)["dice_positive"] == saved["test_at_best_val"]["dice_positive"]
+  np.testing.assert_allclose([float(r["predicted_area"]) for r in rows],
+                             counts[:, 2] / config.model.image_size ** 2)
 
 
 def test_results_render_in_table_4(mgca_run):

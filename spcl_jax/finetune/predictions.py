@@ -38,7 +38,7 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
   return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
-def _number(value: float) -> str:
+def format_number(value: float) -> str:
   return format(float(value), ".17g")
 
 
@@ -51,7 +51,7 @@ def classification_rows(names: Sequence[str], patients: Sequence[str], targets: 
   header = (["name", "patient"] + [f"label_{c}" for c in classes]
             + [f"prob_{c}" for c in classes])
   probabilities = sigmoid(logits)
-  rows = [[name, patient, *(_number(y) for y in target), *(_number(p) for p in prob)]
+  rows = [[name, patient, *(format_number(y) for y in target), *(format_number(p) for p in prob)]
           for name, patient, target, prob in zip(names, patients, targets, probabilities)]
   return header, rows
 
@@ -63,7 +63,7 @@ def segmentation_rows(names: Sequence[str], patients: Sequence[str], counts: np.
                      f"{len(counts)} outputs do not align")
   header = ["name", "patient", *SEGMENTATION_COLUMNS]
   rows = [[name, patient, *(str(int(c)) for c in count),
-           _number(count[2] / (image_size * image_size))]
+           format_number(count[2] / (image_size * image_size))]
           for name, patient, count in zip(names, patients, counts)]
   return header, rows
 

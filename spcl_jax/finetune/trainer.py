@@ -71,8 +71,10 @@ def predict(ft: FineTuning, params: Any, dataset: Any, num_images: int) -> np.nd
 
 
 def write_classifier_info(workdir: pathlib.Path, config: ml_collections.ConfigDict,
-                          classes: list[str], init: dict[str, Any]) -> None:
-  """config.json as pre-training writes it, plus what export needs for the head."""
+                          classes: list[str], init: dict[str, Any],
+                          stored: dict[str, Any] | None = None) -> None:
+  """config.json as pre-training writes it, plus what export needs for the head and how the
+  prepared folder stored its images (`stored`: what `spcl_jax.predict` replays on new files)."""
   run_info.write_run_info(workdir, config)
   path = workdir / run_info.FILENAME
   info = json.loads(path.read_text())
@@ -83,6 +85,8 @@ def write_classifier_info(workdir: pathlib.Path, config: ml_collections.ConfigDi
   else:
     info["segmenter"] = {"task": config.task, "protocol": config.protocol,
                          "classes": list(classes), "init": init}
+  if stored is not None:
+    info["classifier" if "classifier" in info else "segmenter"]["stored_images"] = stored
   results.write_json(path, info)
 
 
@@ -138,7 +142,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   total_steps = config.epochs * steps_per_epoch
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
-    write_classifier_info(workdir, config, classes, init.describe())
+    write_classifier_info(workdir, config, classes, init.describe(),
+                          data.stored_image_settings(sources["train"]))
     print(f"{config.task}: {len(classes)} classes; train {len(sources['train'])} images "
           f"({config.label_fraction}%), val {len(sources['val'])}, test "
           f"{len(sources['test'])}; {steps_per_epoch} steps/epoch x {config.epochs} epochs; "
