@@ -158,6 +158,18 @@ def test_predict_reproduces_the_runs_test_probabilities_and_reports_bad_files(ni
   bad = {kind: [item["path"] for item in v["items"]] for kind, v in report["problems"].items()}
   assert bad == {"too_small": [str(tmp_path / "tiny.png")],
                  "undecodable": [str(tmp_path / "broken.png"), str(tmp_path / "missing.png")]}
+  # The classifier exported to timm scores the same (its .json carries the eval transform).
+  from spcl_jax.export import __main__ as export_cli
+  with contextlib.redirect_stdout(io.StringIO()):
+    assert export_cli.main(["--workdir", str(workdir), "--format", "timm",
+                            "--out", str(tmp_path / "clf.safetensors")]) == 0
+    assert predict.main(["--model", str(tmp_path / "clf.safetensors"), "--images",
+                         str(raw.parent / "images"), "--out", str(tmp_path / "exported.csv")]) == 0
+  with open(tmp_path / "exported.csv", newline="") as f:
+    exported = {r["path"]: [float(r[f"prob_{c}"]) for c in table["classes"]]
+                for r in csv.DictReader(f)}
+  np.testing.assert_allclose([exported[str(raw / name)] for name in table["names"]],
+                             table["probs"], rtol=0, atol=1e-5)
 
 
 def ff_prepared_dir(config):
