@@ -12,7 +12,7 @@ from spcl_jax.models.vit import variant_dims
 
 # config.task -> the prepared dataset it reads.
 TASK_DATASETS = {"nih14": "nih_chestxray14", "chexpert": "chexpert", "rsna": "rsna_pneumonia",
-                 "siim": "siim_acr"}
+                 "siim": "siim_acr", "custom": "csv"}
 SEGMENTATION_PROTOCOLS = ("mgca", "upernet512")
 LABEL_FRACTIONS = (1, 10, 100)
 CHEXPERT_POLICIES = ("medical_mae", "ones", "zeros")

@@ -21,7 +21,7 @@ from spcl_jax import accelerator_time, metrics, run_info
 
 FORMAT = "spcl_jax.finetune.results/1"
 RESULTS_FILE = "results.json"
-TASKS = ("nih14", "chexpert", "rsna", "siim")
+TASKS = ("nih14", "chexpert", "rsna", "siim", "custom")
 PROTOCOLS = ("classification", "mgca", "upernet512")
 FRACTIONS = (1, 10, 100)
 SELECTIONS = {"best_val": "test_at_best_val", "last_epoch": "test_at_last_epoch"}

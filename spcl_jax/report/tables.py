@@ -16,7 +16,7 @@ from spcl_jax.data.datasets import chexpert, nih_chestxray14
 from spcl_jax.report.runs import FRACTIONS, SELECTIONS, Method, final_labels
 
 CLASSIFICATION_TASKS = (("nih14", "ChestX-ray14"), ("chexpert", "CheXpert"),
-                        ("rsna", "RSNA Pneu."))
+                        ("rsna", "RSNA Pneu."), ("custom", "Own data"))
 # Table 2 in the paper's column order; Table 3 in the dataset's (and Medical MAE's) order.
 CHEXPERT_CLASSES = chexpert.TASK_LABELS
 NIH_CLASSES = nih_chestxray14.LABELS
@@ -173,7 +173,7 @@ def table1(cells: Cells, methods: dict[str, Method]) -> Table:
     row += [cells.auc(key, task, f) for task, _ in CLASSIFICATION_TASKS for f in FRACTIONS]
     rows.append(row)
   notes = [
-      "mAUC: macro-averaged ROC-AUC. " + _selection_note(cells, ("nih14", "chexpert", "rsna")),
+      "mAUC: macro-averaged ROC-AUC. " + _selection_note(cells, tuple(task for task, _ in CLASSIFICATION_TASKS)),
       "train GFLOPs/image: forward + backward of both masked views of one image in pre-training "
       "(spcl_jax.metrics.train_flops_per_image, matmuls only); fwd GFLOPs/view: the forward of "
       "one view (its visible patches + CLS). Not the paper's undefined GFLOPs column.",
