@@ -172,6 +172,34 @@ def test_predict_reproduces_the_runs_test_probabilities_and_reports_bad_files(ni
                              table["probs"], rtol=0, atol=1e-5)
 
 
+def test_report_draws_roc_and_training_curves_into_a_self_contained_html(nih_run, tmp_path):
+  import base64
+  import re
+  from PIL import Image
+  from spcl_jax.finetune import predictions
+  from spcl_jax.report import __main__ as report_cli
+  from spcl_jax.report import figures
+  _, workdir, outcome, _ = nih_run
+  with contextlib.redirect_stdout(io.StringIO()):
+    assert report_cli.main([str(workdir), "--out", str(tmp_path / "report")]) == 0
+  pngs = sorted((tmp_path / "report/figures").glob("*.png"))
+  assert [p.name.rsplit("_", 1)[-1] for p in pngs] == ["curves.png", "roc.png"]
+  for png in pngs:
+    assert Image.open(png).size[0] >= 600
+  # The legend's AUCs are results.json's per-class AUCs.
+  curves = figures.roc_curves(predictions.read_classification_csv(
+      workdir / outcome["predictions"]["test_best_val"]["file"]))
+  assert {k: v["auc"] for k, v in curves.items()} == pytest.approx(
+      outcome["test_at_best_val"]["per_class"], abs=1e-12)
+  steps, step_losses = figures.step_losses(workdir / "metrics.jsonl")
+  assert list(steps) == list(range(1, 9)) and dict(zip(steps, step_losses)) == losses(workdir)
+  page = (tmp_path / "report/report.html").read_text()
+  embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+  assert sorted(base64.b64decode(e) for e in embedded) == sorted(p.read_bytes() for p in pngs)
+  assert "Table 1: mAUC" in page and "<table>" in page
+  assert not re.search(r'(src|href)="(?!data:)', page)  # nothing to fetch: opens from disk
+
+
 def ff_prepared_dir(config):
   import pathlib
   return pathlib.Path(config.data.prepared)
