@@ -200,6 +200,27 @@ def test_report_draws_roc_and_training_curves_into_a_self_contained_html(nih_run
   assert not re.search(r'(src|href)="(?!data:)', page)  # nothing to fetch: opens from disk
 
 
+def test_explain_writes_a_map_per_image_and_reports_bad_files(nih_run, tmp_path, capsys):
+  from spcl_jax import explain
+  config, workdir, outcome, _ = nih_run
+  raw = ff_prepared_dir(config).parent / "raw/images"
+  names = sorted(p.name for p in raw.glob("*.png"))[:3]
+  (tmp_path / "list.txt").write_text("\n".join([str(raw / n) for n in names] + ["gone.png"]))
+  with contextlib.redirect_stdout(io.StringIO()):
+    assert explain.main(["--workdir", str(workdir), "--images", str(tmp_path / "list.txt"),
+                         "--class", "Effusion", "--out", str(tmp_path / "maps"),
+                         "--steps", "4"]) == 0
+  for name in names:
+    stem = name.removesuffix(".png")
+    assert np.load(tmp_path / "maps" / f"{stem}.npy").shape == (2, 2)  # 32 px / patch 16
+    assert (tmp_path / "maps" / f"{stem}.png").stat().st_size > 0
+  report = json.loads((tmp_path / "maps/saliency_report.json").read_text())
+  assert report["explained"] == 3 and [p["kind"] for p in report["problems"]] == ["undecodable"]
+  code = explain.main(["--workdir", str(workdir), "--images", str(raw), "--class", "Fractures",
+                       "--out", str(tmp_path / "no")])
+  assert code != 0 and "--class 'Fractures' is not one of" in capsys.readouterr().err
+
+
 def ff_prepared_dir(config):
   import pathlib
   return pathlib.Path(config.data.prepared)
