@@ -4,7 +4,7 @@
            --label-columns A,B,C --uncertain zeros|ones|exclude [--patient-column P]
            [--view-column V --views frontal] [--image-column path]   (your own data: custom_csv)
 
-Turns one raw download (see the README's Datasets section) into OUT_DIR/:
+Turns one raw download (see docs/datasets.md) into OUT_DIR/:
   splits/*.txt, splits/SHA256SUMS  image names per split, a function of the metadata alone
   tfds/spcl_DATASET/1.0.0/         TFDS array_record records (read with `prepared.py`)
   records.csv                      record index -> name, patient, view, raw label codes
@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 
-from spcl_jax import cli_errors
+from spcl_jax import cli_errors, errors
 from spcl_jax.atomic_file import local_output
 from spcl_jax.data import decode
 from spcl_jax.data import splits as splits_lib
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
   def run() -> int:
     local_output(args.out, folder=True)  # records are written to local disk, never to a bucket
     if args.workers < 1:
-      raise cli_errors.UsageError("--workers must be >= 1")
+      raise errors.UsageError("--workers must be >= 1")
     if args.splits_only:
       report = rewrite_splits(args)
       print(f"{report['settings']['dataset']}: split files of {args.out} rewritten")
