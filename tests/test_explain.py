@@ -68,6 +68,7 @@ def trained():
   return train(120)
 
 
+@pytest.mark.slow  # trains a model
 def test_hottest_patch_is_the_deciding_blob_not_the_brighter_one(trained):
   apply, params = trained
   images, labels, cells = blob_images(np.random.default_rng(1), 32)

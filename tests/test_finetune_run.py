@@ -92,6 +92,7 @@ def test_nih_run_selects_on_val_scores_test_once_and_writes_results(nih_run):
   assert saved["config"]["model"]["variant"] == "pico/16"
 
 
+@pytest.mark.slow
 def test_predictions_csvs_recompute_results_json_aucs_with_scikit_learn(nih_run):
   import hashlib
   from sklearn.metrics import roc_auc_score
@@ -119,6 +120,7 @@ def test_predictions_csvs_recompute_results_json_aucs_with_scikit_learn(nih_run)
   np.testing.assert_array_equal(table["labels"], test.targets)
 
 
+@pytest.mark.slow
 def test_predict_reproduces_the_runs_test_probabilities_and_reports_bad_files(nih_run,
                                                                              tmp_path):
   import data_fixtures as fx
@@ -172,6 +174,7 @@ def test_predict_reproduces_the_runs_test_probabilities_and_reports_bad_files(ni
                              table["probs"], rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_report_draws_roc_and_training_curves_into_a_self_contained_html(nih_run, tmp_path):
   import base64
   import re
@@ -200,6 +203,7 @@ def test_report_draws_roc_and_training_curves_into_a_self_contained_html(nih_run
   assert not re.search(r'(src|href)="(?!data:)', page)  # nothing to fetch: opens from disk
 
 
+@pytest.mark.slow
 def test_explain_writes_a_map_per_image_and_reports_bad_files(nih_run, tmp_path, capsys):
   from spcl_jax import explain
   config, workdir, outcome, _ = nih_run

@@ -261,6 +261,7 @@ def test_mgca_run_lowers_the_loss_selects_on_val_and_writes_results(mgca_run):
                              counts[:, 2] / config.model.image_size ** 2)
 
 
+@pytest.mark.slow
 def test_predict_writes_masks_that_match_the_runs_test_counts(mgca_run, tmp_path):
   import csv
   import pathlib
