@@ -91,6 +91,10 @@ def test_splits_are_by_patient_with_nested_fractions(prepared):
       list(set(patient_of.values())))["p00"]])
   assert set(read["train_1pct"]) <= set(read["train_10pct"]) <= set(read["train"])
   assert [len(by_split[s]) for s in ("train", "val", "test")] == splits.split_counts(42)
+  # Pre-training reads the folder as `prepared:` like any other.
+  from spcl_jax.data.sources import open_source
+  source = open_source(f"prepared:{out},split=train")
+  assert {source.name(i) for i in range(len(source))} == set(read["train"]) - {"missing_p/a.png"}
 
 
 @pytest.mark.parametrize("policy, expected", [

@@ -52,7 +52,9 @@ def run(config, workdir):
 @pytest.fixture(scope="module")
 def nih_run(prepared, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("nih_run")
-  config = ff.finetune_config("nih14", prepared["nih14"])
+  # A learning rate that moves the probabilities well away from 0.5 in 8 steps: `predict`'s
+  # 1e-5 agreement with the run then means something (at 1e-3 they spread by 2e-4 only).
+  config = ff.finetune_config("nih14", prepared["nih14"], **{"optim.learning_rate": 1e-2})
   outcome, predicted = run(config, workdir)
   return config, workdir, outcome, predicted
 
@@ -153,8 +155,16 @@ def test_predict_reproduces_the_runs_test_probabilities_and_reports_bad_files(ni
   n = len(table["names"])
   assert [r["path"] for r in rows] == [str(raw / name) for name in table["names"]] + [
       str(tmp_path / "mono2.dcm"), str(tmp_path / "mono1")]
+  assert np.ptp(table["probs"]) > 0.005  # away from 0.5: a changed input would show
   np.testing.assert_allclose(probs[:n], table["probs"], rtol=0, atol=1e-5)
   np.testing.assert_allclose(probs[n + 1], probs[n], rtol=0, atol=1e-5)
+  # Each file is stored byte for byte as prepare stored it (size, filter, JPEG quality).
+  from spcl_jax.data.prepared import LabelledSource
+  from spcl_jax.inference import images, model
+  test = LabelledSource(config.data.prepared, "test", "100")
+  stored = model.load_workdir(workdir).stored
+  assert [images.stored_bytes(raw / test.name(i), stored)[0] for i in range(len(test))] == [
+      test[i]["encoded"] for i in range(len(test))]
   report = json.loads((tmp_path / "preds_report.json").read_text())
   assert (report["images"], report["scored"]) == (n + 5, n + 2)
   bad = {kind: [item["path"] for item in v["items"]] for kind, v in report["problems"].items()}

@@ -109,13 +109,6 @@ def load_export(path: str | pathlib.Path) -> LoadedModel:
                      _stored_settings(transform, config, f"{str(sidecar)!r}"), str(path))
 
 
-def load(model: str) -> LoadedModel:
-  """--model: a fine-tuning workdir, or an exported .safetensors file."""
-  if str(model).endswith(".safetensors"):
-    return load_export(model)
-  return load_workdir(model)
-
-
 class Scorer:
   """Fine-tuning's eval step and eval transform for one loaded model, on every local device."""
 
