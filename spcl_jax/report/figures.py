@@ -44,9 +44,9 @@ def roc_curves(table: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def plot_roc(curves: dict[str, dict[str, Any]], title: str, out: pathlib.Path) -> pathlib.Path:
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(6.4, 6.0))
-  colours = plt.get_cmap("tab20")
+  colours = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
   for i, (name, curve) in enumerate(curves.items()):
-    ax.plot(curve["fpr"], curve["tpr"], color=colours(i % 20), lw=1.5,
+    ax.plot(curve["fpr"], curve["tpr"], color=colours(i % colours.N), lw=1.5,
             label=f"{name} (AUC {curve['auc']:.3f})")
   ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="chance")
   ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (1 - specificity)",
@@ -83,7 +83,7 @@ def plot_training_curves(steps: np.ndarray, losses: np.ndarray, epochs: np.ndarr
   plt = _pyplot()
   fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
   left.plot(steps, losses, lw=1, color="tab:blue")
-  left.set(xlabel="step", ylabel="training loss", title="loss per step")
+  left.set(xlabel="step", ylabel="training loss", title="loss per logged step")
   right.plot(epochs, values, marker="o", color="tab:orange")
   if best_epoch is not None:
     right.axvline(best_epoch, color="0.5", ls="--", lw=1, label=f"best epoch {best_epoch}")
