@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from spcl_jax.finetune.model import build_classifier, init_params
-from spcl_jax.finetune.tasks import bce_with_logits
+from spcl_jax.finetune.workloads import bce_with_logits
 from spcl_jax.inference import saliency
 
 SIZE, PATCH = 32, 8
