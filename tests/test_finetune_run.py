@@ -74,9 +74,7 @@ def run(config, workdir):
 @pytest.fixture(scope="module")
 def nih_run(prepared, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("nih_run")
-  # A learning rate that moves the probabilities well away from 0.5 in 8 steps: `predict`'s
-  # 1e-5 agreement with the run then means something (at 1e-3 they spread by 2e-4 only).
-  config = ff.finetune_config("nih14", prepared["nih14"], **{"optim.learning_rate": 1e-2})
+  config = ff.finetune_config("nih14", prepared["nih14"])
   outcome, predicted = run(config, workdir)
   return config, workdir, outcome, predicted
 
@@ -178,7 +176,9 @@ def test_predict_reproduces_the_runs_test_probabilities_and_reports_bad_files(ni
   n = len(table["names"])
   assert [r["path"] for r in rows] == [str(raw / name) for name in table["names"]] + [
       str(tmp_path / "mono2.dcm"), str(tmp_path / "mono1")]
-  assert np.ptp(table["probs"]) > 0.005  # away from 0.5: a changed input would show
+  # 8 steps leave the probabilities within ~1e-3 of 0.5, so agreement to 1e-5 alone could miss a
+  # small change of input (the JPEG round trip of these smooth images is nearly lossless): the
+  # stored bytes are compared exactly below.
   np.testing.assert_allclose(probs[:n], table["probs"], rtol=0, atol=1e-5)
   np.testing.assert_allclose(probs[n + 1], probs[n], rtol=0, atol=1e-5)
   # Each file is stored byte for byte as prepare stored it (size, filter, JPEG quality).
