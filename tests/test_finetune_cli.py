@@ -37,7 +37,7 @@ def test_config_errors_name_the_field(tmp_path):
     load_init(str(tmp_path / "missing"))
 
 
-@pytest.mark.parametrize("task", ["nih14", "chexpert", "rsna"])
+@pytest.mark.parametrize("task", ["nih14", "chexpert", "rsna", "custom"])
 def test_shipped_finetune_configs_validate_with_the_recipe(task):
   import importlib
   from spcl_jax.finetune.configuration import validate_finetune_config

@@ -251,6 +251,38 @@ def test_mgca_run_lowers_the_loss_selects_on_val_and_writes_results(mgca_run):
     assert set(entry["trivial"]) == set(dice.METRICS)
   info = json.loads((workdir / "config.json").read_text())
   assert info["segmenter"]["protocol"] == "mgca"
+  # Per-image counts kept: the test Dice is recomputed from the CSV.
+  import csv
+  with open(workdir / saved["predictions"]["test_best_val"]["file"], newline="") as f:
+    rows = list(csv.DictReader(f))
+  counts = np.asarray([[int(r["intersection"]), int(r["true_pixels"]), int(r["predicted_pixels"])]
+                       for r in rows])
+  assert len(rows) == 5
+  assert dice.dice_scores(counts)["dice_positive"] == saved["test_at_best_val"]["dice_positive"]
+  np.testing.assert_allclose([float(r["predicted_area"]) for r in rows],
+                             counts[:, 2] / config.model.image_size ** 2)
+
+
+@pytest.mark.slow
+def test_predict_writes_masks_that_match_the_runs_test_counts(mgca_run, tmp_path):
+  import csv
+  import pathlib
+  from PIL import Image
+  from spcl_jax import predict
+  config, workdir, saved = mgca_run
+  with open(workdir / saved["predictions"]["test_best_val"]["file"], newline="") as f:
+    expected = {r["name"]: int(r["predicted_pixels"]) for r in csv.DictReader(f)}
+  raw = pathlib.Path(config.data.prepared).parent / "raw/dicom-images-train"
+  with contextlib.redirect_stdout(io.StringIO()):
+    assert predict.main(["--workdir", str(workdir), "--images", str(raw),
+                         "--out", str(tmp_path / "seg.csv")]) == 0
+  with open(tmp_path / "seg.csv", newline="") as f:
+    rows = {pathlib.Path(r["path"]).stem: r for r in csv.DictReader(f)}
+  assert len(rows) == 50
+  for name, pixels in expected.items():
+    mask = np.asarray(Image.open(rows[name]["mask"]))
+    assert mask.shape == (config.model.image_size,) * 2 and set(np.unique(mask)) <= {0, 255}
+    assert int(rows[name]["predicted_pixels"]) == pixels == int((mask == 255).sum())
 
 
 @pytest.mark.slow

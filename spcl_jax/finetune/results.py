@@ -127,7 +127,7 @@ def aggregate(per_seed: list[dict[str, Any]], relative_paths: list[str]) -> dict
   first = per_seed[0]
   out = {k: v for k, v in first.items()
          if k not in ("val_best", "test_at_best_val", "test_at_last_epoch", "seeds",
-                      "accelerator_seconds")}
+                      "accelerator_seconds", "predictions")}  # predictions: per seed_<s>/
   for key in ("val_best", "test_at_best_val", "test_at_last_epoch"):
     out[key] = _mean_entry([r[key] for r in per_seed])
   out["seeds"] = [s for r in per_seed for s in r["seeds"]]

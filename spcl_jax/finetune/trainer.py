@@ -29,7 +29,7 @@ import numpy as np
 from spcl_jax import auc, checkpoint, engine, metrics, run_info, sharding, steps
 from spcl_jax.downstream import RESULTS_FILE, RESULTS_FORMAT, TASK_DATASETS
 from spcl_jax.errors import ConfigError
-from spcl_jax.finetune import data, results
+from spcl_jax.finetune import data, predictions, results
 from spcl_jax.finetune.configuration import validate_finetune_config
 from spcl_jax.finetune.initialization import encoder_for_classifier, load_init
 from spcl_jax.finetune.steps import FineTuning, build_finetuning
@@ -68,13 +68,17 @@ def predict(ft: FineTuning, params: Any, dataset: Any, num_images: int) -> np.nd
 
 
 def run_info_extra(config: ml_collections.ConfigDict, classes: Sequence[str],
-                   init: dict[str, Any]) -> dict[str, Any]:
-  """What config.json records beyond the config: what export needs for the head."""
+                   init: dict[str, Any], stored: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
+  """What config.json records beyond the config: what export needs for the head, and how the
+  prepared folder stored its images (`stored`: what `spcl_jax.predict` replays on new files)."""
+  kept = {} if stored is None else {"stored_images": stored}
   if config.protocol == "classification":
     return {"classifier": {"task": config.task, "pool": config.model.pool,
-                           "num_classes": len(classes), "classes": list(classes), "init": init}}
+                           "num_classes": len(classes), "classes": list(classes), "init": init,
+                           **kept}}
   return {"segmenter": {"task": config.task, "protocol": config.protocol,
-                        "classes": list(classes), "init": init}}
+                        "classes": list(classes), "init": init, **kept}}
 
 
 class Selection:
@@ -188,7 +192,8 @@ class FineTuningRun:
           f"{workdir}", flush=True)
 
   def run_info_extra(self) -> dict[str, Any]:
-    return run_info_extra(self.config, self.classes, self.start.init.describe())
+    return run_info_extra(self.config, self.classes, self.start.init.describe(),
+                          data.stored_image_settings(self.sources["train"]))
 
   def init_state(self) -> steps.TrainState:
     return self.ft.init_state(self.keys["init"], self.start.encoder)
@@ -262,7 +267,9 @@ class FineTuningRun:
     return {"stopped_at_step": int(jax.device_get(state.step))}
 
   def finish(self, state: steps.TrainState, session: engine.Session) -> dict[str, Any]:
-    summary = _test_and_report(self, state)
+    writer = predictions.PredictionWriter(session.workdir, self.workload.protocol, self.classes,
+                                          self.config.model.image_size, enabled=session.is_main)
+    summary = _test_and_report(self, state, writer)
     summary.update({k: session.clock.update()[k] for k in ("accelerator_seconds", "device_kind",
                                                             "num_devices")})
     if session.is_main:
@@ -332,8 +339,10 @@ def train_seeds(config: ml_collections.ConfigDict, workdir: str, num_seeds: int,
   return summary
 
 
-def _test_and_report(run: FineTuningRun, state: steps.TrainState) -> dict[str, Any]:
-  """The test split, scored once at the best-on-val parameters and once at the last ones."""
+def _test_and_report(run: FineTuningRun, state: steps.TrainState,
+                     writer: predictions.PredictionWriter) -> dict[str, Any]:
+  """The test split, scored once at the best-on-val parameters and once at the last ones;
+  the per-image outputs of val (at best-val) and of both test scorings kept by `writer`."""
   config, ft, workload = run.config, run.ft, run.workload
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
   test_ds = data.eval_dataset(config, run.sources["test"], **process)
@@ -342,10 +351,13 @@ def _test_and_report(run: FineTuningRun, state: steps.TrainState) -> dict[str, A
   if best_step != best["step"]:
     raise RuntimeError(f"{run.best_manager.directory} holds step {best_step}, but the best val "
                        f"epoch ended at step {best['step']}")
+  writer.write("val", "best_val", run.sources["val"],
+               predict(ft, best_params, run.val_ds, len(run.sources["val"])))
   entries = {}
   for name, params, step in (("test_at_best_val", best_params, best["step"]),
                              ("test_at_last_epoch", state.params, run.total_steps)):
     outputs = predict(ft, params, test_ds, len(run.sources["test"]))
+    writer.write("test", name.removeprefix("test_at_"), run.sources["test"], outputs)
     engine.at_moment("test", step)
     entries[name] = workload.test_entry(step // run.steps_per_epoch, step, run.sources["test"],
                                         outputs, run.classes, config)
@@ -360,6 +372,7 @@ def _test_and_report(run: FineTuningRun, state: steps.TrainState) -> dict[str, A
       "classes": run.classes,
       "val_best": {k: best[k] for k in ("epoch", "step", *workload.val_keys())},
       **entries,
+      "predictions": writer.listing(),
       "seeds": [int(config.seed)],
       "config": json.loads(config.to_json_best_effort()),
       "split_hashes": data.split_hashes(run.sources),

@@ -177,7 +177,7 @@ def table1(cells: Cells, methods: dict[str, Method]) -> Table:
     row += [cells.auc(key, task, f) for task, _ in CLASSIFICATION_TASKS for f in LABEL_FRACTIONS]
     rows.append(row)
   notes = [
-      "mAUC: macro-averaged ROC-AUC. " + _selection_note(cells, ("nih14", "chexpert", "rsna")),
+      "mAUC: macro-averaged ROC-AUC. " + _selection_note(cells, downstream.CLASSIFICATION_TASKS),
       "train GFLOPs/image: forward + backward of both masked views of one image in pre-training "
       "(spcl_jax.metrics.train_flops_per_image, recorded in its config.json; matmuls only); "
       "fwd GFLOPs/view: the forward of one view (its visible patches + CLS). Not the paper's "

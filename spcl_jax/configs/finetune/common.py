@@ -24,7 +24,7 @@ def get_config(task: str, prepared: str, image_size_preset: str | None = None
                ) -> ml_collections.ConfigDict:
   pretrain = default.get_config()
   config = ml_collections.ConfigDict()
-  config.task = task                  # nih14 | chexpert | rsna | siim: the table column
+  config.task = task                  # nih14 | chexpert | rsna | siim | custom: the table column
   config.protocol = "classification"  # siim: mgca | upernet512 (configs/finetune/siim.py)
   config.init = "random"              # random | pre-training WORKDIR | .safetensors/.pth/.npz
   config.init_step = -1               # checkpoint step of a WORKDIR init; -1 = the latest
