@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -35,13 +36,16 @@ def prepared(tmp_path_factory):
     return {task: build(root / task) for task, build in ff.PREPARED.items()}
 
 
-def run(config, workdir):
-  """train_and_evaluate, recording the size of every split it predicts on, in order."""
+def run(config, workdir, heads=None):
+  """train_and_evaluate, recording the size of every split it predicts on, in order (and, into
+  `heads` if given, the head kernel of the parameters each prediction used)."""
   predicted = []
   original = trainer.predict
 
   def recording_predict(ft, params, dataset, num_images):
     predicted.append(num_images)
+    if heads is not None:
+      heads.append(np.asarray(jax.device_get(params["head"]["kernel"])))
     return original(ft, params, dataset, num_images)
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(trainer, "predict", recording_predict)
@@ -53,8 +57,9 @@ def run(config, workdir):
 def nih_run(prepared, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("nih_run")
   config = ff.finetune_config("nih14", prepared["nih14"])
-  outcome, predicted = run(config, workdir)
-  return config, workdir, outcome, predicted
+  heads = []
+  outcome, predicted = run(config, workdir, heads)
+  return config, workdir, outcome, predicted, heads
 
 
 def losses(workdir):
@@ -63,7 +68,7 @@ def losses(workdir):
 
 
 def test_nih_run_selects_on_val_scores_test_once_and_writes_results(nih_run):
-  config, workdir, outcome, predicted = nih_run
+  config, workdir, outcome, predicted, _ = nih_run
   saved = json.loads((workdir / "results.json").read_text())
   assert saved == json.loads(json.dumps(outcome))
   assert set(saved) == TOP_LEVEL_KEYS
@@ -91,13 +96,25 @@ def test_nih_run_selects_on_val_scores_test_once_and_writes_results(nih_run):
   assert saved["config"]["model"]["variant"] == "pico/16"
 
 
+def test_test_split_is_scored_with_the_best_val_then_the_last_parameters(nih_run):
+  _, workdir, outcome, _, heads = nih_run
+  # This fixture's val score peaks at epoch 1 of 2, so the two test entries must come from
+  # different parameters: the best-on-val ones (WORKDIR/best), then the last checkpoint's.
+  assert outcome["val_best"]["epoch"] == 1
+  best, _ = checkpoint.restore_params(workdir / "best", 4)
+  last, _ = checkpoint.restore_params(workdir, 8)
+  assert not np.array_equal(best["head"]["kernel"], last["head"]["kernel"])
+  np.testing.assert_array_equal(heads[2], best["head"]["kernel"])
+  np.testing.assert_array_equal(heads[3], last["head"]["kernel"])
+
+
 def ff_prepared_dir(config):
   import pathlib
   return pathlib.Path(config.data.prepared)
 
 
 def test_rerun_of_a_finished_run_does_nothing(nih_run, capsys):
-  config, workdir, outcome, _ = nih_run
+  config, workdir, outcome, _, _ = nih_run
   again, predicted = run(config, workdir)
   assert predicted == [] and again == json.loads(json.dumps(outcome))
   assert "nothing to do" in capsys.readouterr().out
@@ -109,7 +126,7 @@ class _StopAtStep3(StopRequest):
 
 
 def test_stopped_run_resumes_with_the_same_per_step_losses(nih_run, tmp_path):
-  config, reference_dir, reference, _ = nih_run
+  config, reference_dir, reference, _, _ = nih_run
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(trainer, "StopRequest", _StopAtStep3)
     stopped, predicted = run(config, tmp_path)
