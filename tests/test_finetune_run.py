@@ -108,6 +108,17 @@ def test_test_split_is_scored_with_the_best_val_then_the_last_parameters(nih_run
   np.testing.assert_array_equal(heads[3], last["head"]["kernel"])
 
 
+def test_export_takes_the_best_val_parameters_not_the_latest_checkpoint(nih_run, tmp_path):
+  from safetensors.numpy import load_file
+  from spcl_jax.export import export_checkpoint
+  _, workdir, outcome, _, heads = nih_run
+  assert outcome["val_best"]["step"] == 4 and checkpoint.available_steps(workdir)[-1] == 8
+  weights, sidecar = export_checkpoint(workdir, "timm", tmp_path / "clf.safetensors")
+  described = json.loads(sidecar.read_text())
+  assert (described["source"]["step"], described["source"]["selected"]) == (4, "best_val")
+  np.testing.assert_array_equal(load_file(str(weights))["head.weight"], heads[2].T)
+
+
 def ff_prepared_dir(config):
   import pathlib
   return pathlib.Path(config.data.prepared)
