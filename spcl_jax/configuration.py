@@ -6,18 +6,15 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-from spcl_jax import losses, masking
+from spcl_jax import evaluators, losses, masking
 from spcl_jax.data.decode import resize_filter_names
 from spcl_jax.data.sources import check_source_spec
+from spcl_jax.errors import ConfigError
 from spcl_jax.models.attention import ATTENTION_IMPLS, CUDNN_DTYPES, is_nvidia_gpu
 from spcl_jax.models.vit import REMAT_POLICIES, variant_dims
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 ACCUMULATION_MODES = ("cached", "plain")
-
-
-class ConfigError(ValueError):
-  """A config field has a value the run cannot use; the message names the field."""
 
 
 def _require(condition: bool, message: str) -> None:
@@ -154,7 +151,6 @@ def _check_evals(config: ml_collections.ConfigDict) -> None:
     _require(old not in config,
              f"config.{old} is gone: evaluators are configured in config.evals (e.g. "
              f"config.evals.retrieval.{'every_steps' if old == 'eval_every_steps' else 'batches'})")
-  from spcl_jax import evaluators  # pylint: disable=g-import-not-at-top  (it imports this module)
   evaluators.check_eval_configs(config.get("evals") or ml_collections.ConfigDict())
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import ml_collections
 from absl import logging as absl_logging
 
-from spcl_jax import cli_errors
+from spcl_jax import cli_errors, errors
 
 RESULTS_FILE = "evaluations.jsonl"
 # Fields a config.json written before config.evals existed may hold; evaluators replaced them.
@@ -88,7 +88,7 @@ def apply_overrides(config: ml_collections.ConfigDict,
   for path, text in overrides:
     parts = path.split(".")
     if parts[0] != "evals" or len(parts) != 3:
-      raise cli_errors.UsageError(
+      raise errors.UsageError(
           f"--config.{path}: only config.evals.NAME.FIELD can be set here; the "
                        "model, data and preprocessing are the run's (start a new run to change "
                        "them)")
@@ -99,7 +99,7 @@ def apply_overrides(config: ml_collections.ConfigDict,
     try:
       entry[field] = _parse_value(text, entry[field] if field in entry else None)
     except (TypeError, ValueError) as e:
-      raise cli_errors.UsageError(f"--config.{path}={text}: {e}") from None
+      raise errors.UsageError(f"--config.{path}={text}: {e}") from None
 
 
 def evaluate(workdir: str, config: ml_collections.ConfigDict, steps: Sequence[int] | None,

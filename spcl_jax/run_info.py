@@ -1,8 +1,8 @@
 """WORKDIR/config.json and WORKDIR/history.jsonl: what a run was and how it was (re)started.
 
 config.json records the original resolved config, the model's shape, the image preprocessing and
-normalisation, and the checkpoint layout version, so export and extraction need nothing but the
-workdir. It is written once, at the first start, and never rewritten.
+normalisation, the checkpoint layout version and the analytic FLOPs per image (`flops`, which
+the report reads), so export, extraction and the report need nothing but the workdir. It is written once, at the first start, and never rewritten.
 
 history.jsonl gets one line per start: time, host, PID, the step it starts from, the full
 config, and the fields that changed since the previous start (with the overrides that allowed
@@ -26,7 +26,8 @@ import ml_collections
 
 import spcl_jax
 from spcl_jax.checkpoint import LAYOUT_VERSION
-from spcl_jax.configuration import ConfigError
+from spcl_jax.metrics import flops_record
+from spcl_jax.errors import ConfigError
 from spcl_jax.models.vit import current_variant_name, variant_dims
 from spcl_jax.workdir_path import append_line, as_path, rewrite_text
 
@@ -86,6 +87,7 @@ def describe_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
           "intensity": "decoded to [0, 1], stored as uint8; x = (u8 / 255 - mean) / std",
       },
       "normalization": {"mean": config.data.mean, "std": config.data.std},
+      "flops": flops_record(config),
       "config": json.loads(config.to_json_best_effort()),
   }
 

@@ -63,17 +63,8 @@ def test_mean_patch_is_the_mean_of_the_patch_tokens(run):
   assert max_abs_diff(feats["cls"], tokens[:, 0]) <= 1e-5
 
 
-def test_data_without_the_prepared_kind_says_so(monkeypatch):
-  sources.source_kinds()  # let any optional kind register first, then hide 'prepared'
-  monkeypatch.setattr(sources, "_load_optional_kinds", lambda: None)
-  monkeypatch.delitem(sources._SOURCE_KINDS, "prepared", raising=False)  # pylint: disable=protected-access
-  with pytest.raises(ValueError, match="no 'prepared' image source.*--images DIR"):
-    extract.open_images(data="/data/prepared/nih", split="test")
-
-
 def test_data_goes_through_open_source_with_the_split(run, monkeypatch, tmp_path):
   """--data is wired through `open_source('prepared:...')`, whatever reads it underneath."""
-  sources.source_kinds()
   opened = []
 
   def fake_prepared(argument):
