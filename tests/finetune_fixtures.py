@@ -174,7 +174,7 @@ def finetune_config(task: str, prepared: pathlib.Path, preset: str | None = None
 # --- a fine-tuning set with signal ----------------------------------------------------------
 # The labels of `prepared_nih_with_signal` are a linear read-out of a pre-trained encoder's
 # features (a teacher): fine-tuning from that encoder (the init of `teacher_workdir`) can learn
-# them, from any other encoder it cannot, and shuffled labels or misaligned predictions score
+# them, from another encoder it barely can, and shuffled labels or misaligned predictions score
 # chance. The images are noise, so no pixel statistic gives a label away. The pre-training run
 # normalised with its own mean/std (not the defaults), and the labels are computed with them.
 
@@ -184,21 +184,8 @@ TEACHER_MEAN, TEACHER_STD = 0.3, 0.2
 
 def teacher_workdir(path: pathlib.Path) -> tuple[pathlib.Path, dict]:
   """A pre-training workdir (config.json + checkpoint) of random pico/16 encoder weights."""
-  import jax.numpy as jnp
-  import orbax.checkpoint as ocp
-  from export_fixtures import make_config, random_encoder_params
-  from spcl_jax import checkpoint
-  from spcl_jax.run_info import write_run_info
-  config = make_config("pico/16", SIZE)
-  config.data.mean, config.data.std = TEACHER_MEAN, TEACHER_STD
-  write_run_info(path, config)
-  params = random_encoder_params(config, seed=0)
-  manager = checkpoint.make_manager(path)
-  manager.save(7, args=ocp.args.Composite(params=ocp.args.StandardSave(
-      {"encoder": params, "log_scale": jnp.float32(2.0)})))
-  manager.wait_until_finished()
-  manager.close()
-  return path, params
+  from export_fixtures import make_workdir
+  return make_workdir(path, "pico/16", SIZE, normalization=(TEACHER_MEAN, TEACHER_STD))
 
 
 def signal_config(prepared: pathlib.Path, init: str, **overrides):
