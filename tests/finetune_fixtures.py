@@ -183,9 +183,13 @@ TEACHER_MEAN, TEACHER_STD = 0.3, 0.2
 
 
 def teacher_workdir(path: pathlib.Path) -> tuple[pathlib.Path, dict]:
-  """A pre-training workdir (config.json + checkpoint) of random pico/16 encoder weights."""
+  """A pre-training workdir (config.json + checkpoint) of random pico/16 encoder weights.
+
+  Pre-trained at 64 px (32 px leaves too few patches for its two masked views); the encoder's
+  weights do not depend on the image size (fixed sin-cos positions), so it fine-tunes at 32.
+  """
   from export_fixtures import make_workdir
-  return make_workdir(path, "pico/16", SIZE, normalization=(TEACHER_MEAN, TEACHER_STD))
+  return make_workdir(path, "pico/16", 64, normalization=(TEACHER_MEAN, TEACHER_STD))
 
 
 def signal_config(prepared: pathlib.Path, init: str, **overrides):

@@ -205,7 +205,7 @@ def test_init_from_a_checkpoint_with_learnt_position_embeddings_is_refused(tmp_p
   from safetensors.numpy import load_file, save_file
   from export_fixtures import make_workdir
   from spcl_jax.finetune.initialization import load_init
-  workdir, _ = make_workdir(tmp_path / "pretrain", "pico/16", 32)
+  workdir, _ = make_workdir(tmp_path / "pretrain", "pico/16", 64)
   export_checkpoint(workdir, "timm", tmp_path / "vit.safetensors")
   state = load_file(str(tmp_path / "vit.safetensors"))
   assert load_init(str(tmp_path / "vit.safetensors"), image_size=32).kind == "timm"
