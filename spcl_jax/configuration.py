@@ -44,7 +44,7 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
            "images, so 1 (export can write 3-channel weights)")
   _require(config.model.dtype in COMPUTE_DTYPES,
            f"config.model.dtype={config.model.dtype!r} must be one of {COMPUTE_DTYPES}")
-  _require(config.model.attention_impl in ("", *ATTENTION_IMPLS),
+  _require(config.model.attention_impl in ATTENTION_IMPLS,
            f"config.model.attention_impl={config.model.attention_impl!r} must be one of "
            f"{', '.join(ATTENTION_IMPLS)}")
   if config.model.attention_impl == "cudnn":
@@ -60,7 +60,7 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
            f"config.model.attention_seq_multiple={multiple!r} must be 0 (the kernel's own need) "
            "or a positive token multiple")
   remat = config.model.remat
-  _require(isinstance(remat, bool) or remat in REMAT_POLICIES,
+  _require(remat in REMAT_POLICIES,
            f"config.model.remat={remat!r} must be one of {', '.join(REMAT_POLICIES)}")
 
 
@@ -147,10 +147,6 @@ def _check_batching(config: ml_collections.ConfigDict, num_batch_shards: int,
 
 
 def _check_evals(config: ml_collections.ConfigDict) -> None:
-  for old in ("eval_every_steps", "eval_batches"):
-    _require(old not in config,
-             f"config.{old} is gone: evaluators are configured in config.evals (e.g. "
-             f"config.evals.retrieval.{'every_steps' if old == 'eval_every_steps' else 'batches'})")
   evaluators.check_eval_configs(config.get("evals") or ml_collections.ConfigDict())
 
 

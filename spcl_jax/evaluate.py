@@ -27,20 +27,12 @@ from absl import logging as absl_logging
 from spcl_jax import cli_errors, errors
 
 RESULTS_FILE = "evaluations.jsonl"
-# Fields a config.json written before config.evals existed may hold; evaluators replaced them.
-_RETIRED_FIELDS = ("eval_every_steps", "eval_batches")
 
 
 def run_config(workdir: str) -> ml_collections.ConfigDict:
   """The run's resolved config from W/config.json (errors name the file)."""
   from spcl_jax.run_info import read_run_info  # pylint: disable=g-import-not-at-top
-  config = ml_collections.ConfigDict(read_run_info(workdir)["config"])
-  for field in _RETIRED_FIELDS:
-    if field in config:
-      del config[field]
-  if "evals" not in config:
-    config.evals = ml_collections.ConfigDict()
-  return config
+  return ml_collections.ConfigDict(read_run_info(workdir)["config"])
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[tuple[str, str]]]:

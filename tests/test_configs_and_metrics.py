@@ -34,6 +34,7 @@ def test_paper_config_is_the_paper():
   assert resolve_batch_size(config, 8).batch_size == 9600
 
 
+@pytest.mark.slow
 def test_analytic_flops_match_xla_cost_analysis():
   config = default.get_config()
   config.model.variant = "Ti/16"

@@ -142,6 +142,7 @@ def test_processes_take_contiguous_blocks_of_the_same_global_batch():
     np.testing.assert_array_equal(assembled, global_batch)
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_stream():
   config = small_config(num_workers=2)
   with_workers = iter(pipeline.train_dataset(config))
