@@ -216,6 +216,7 @@ def test_init_from_a_checkpoint_with_learnt_position_embeddings_is_refused(tmp_p
     load_init(str(tmp_path / "learnt.safetensors"), image_size=32)
 
 
+@pytest.mark.slow
 def test_fine_tuning_train_step_applies_drop_path():
   # Two step keys on one state: drop path draws other branches, so the gradients differ (the
   # loss barely does: the fresh head's logits are near zero). Without it they would agree.

@@ -97,6 +97,7 @@ def test_nih_run_selects_on_val_scores_test_once_and_writes_results(nih_run):
   assert saved["config"]["model"]["variant"] == "pico/16"
 
 
+@pytest.mark.slow
 def test_test_split_is_scored_with_the_best_val_then_the_last_parameters(nih_run):
   _, workdir, outcome, _, heads = nih_run
   # This fixture's val score peaks at epoch 1 of 2, so the two test entries must come from
@@ -109,6 +110,7 @@ def test_test_split_is_scored_with_the_best_val_then_the_last_parameters(nih_run
   np.testing.assert_array_equal(heads[3], last["head"]["kernel"])
 
 
+@pytest.mark.slow
 def test_export_takes_the_best_val_parameters_not_the_latest_checkpoint(nih_run, tmp_path):
   from safetensors.numpy import load_file
   from spcl_jax.export import export_checkpoint

@@ -365,6 +365,7 @@ def test_tokens_to_grid_drops_the_cls_and_keeps_patches_in_row_major_order():
   np.testing.assert_array_equal(out[:, 2, 1], tokens[:, 1 + 2 * grid + 1])
 
 
+@pytest.mark.slow
 def test_upernet_fpn_levels_add_the_upsampled_coarser_levels():
   # The finest FPN output sees the coarsest level only through the top-down pathway (the
   # fused concat adds it separately, after fpn_0).
