@@ -14,7 +14,8 @@ from spcl_jax.data.normalize import normalize_uint8
 from spcl_jax.export import export_checkpoint
 from spcl_jax.finetune import optimizer
 from spcl_jax.finetune.model import build_classifier
-from spcl_jax.finetune.trainer import write_classifier_info
+from spcl_jax.finetune.trainer import run_info_extra
+from spcl_jax.run_info import write_run_info
 from spcl_jax.models.vit import DropPath, drop_path_rates
 
 CLASSES = ["a", "b", "c"]
@@ -51,8 +52,8 @@ def test_exported_classifier_matches_jax_logits_in_timm(tmp_path, pool):
   from timm.models.vision_transformer import VisionTransformer
   config = small_config(pool)
   params = random_classifier_params(config)
-  write_classifier_info(tmp_path, config, CLASSES, {"kind": "random", "path": None,
-                                                    "step": None})
+  write_run_info(tmp_path, config, run_info_extra(config, CLASSES, {"kind": "random",
+                                                                   "path": None, "step": None}))
   manager = checkpoint.make_manager(tmp_path / "best")
   manager.save(5, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
   manager.wait_until_finished()
