@@ -24,12 +24,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from spcl_jax import cli_errors
+from spcl_jax import command_line
 from spcl_jax.atomic_file import local_output
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = cli_errors.ArgumentParser(prog="python -m spcl_jax.explain", description=__doc__,
+  parser = command_line.ArgumentParser(prog="python -m spcl_jax.explain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--workdir", help="a fine-tuning workdir (its best-on-val parameters)")
@@ -74,7 +74,7 @@ def explain_files(scorer, paths, class_name: str, out: pathlib.Path, steps: int)
     raise ValueError(f"{loaded.source} is a segmentation model: its masks (python -m "
                      "spcl_jax.predict) already show where it looks")
   if class_name not in loaded.classes:
-    raise cli_errors.UsageError(f"--class {class_name!r} is not one of the model's classes: "
+    raise command_line.UsageError(f"--class {class_name!r} is not one of the model's classes: "
                                 f"{', '.join(loaded.classes)}")
   k = loaded.classes.index(class_name)
   model, config = scorer.ft.model, scorer.config
@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   def run() -> int:
     if args.steps < 1 or args.batch_per_device < 1:
-      raise cli_errors.UsageError("--steps and --batch-per-device must be >= 1")
+      raise command_line.UsageError("--steps and --batch-per-device must be >= 1")
     out = local_output(args.out, folder=True)
     from spcl_jax.inference import images, model  # pylint: disable=g-import-not-at-top
     paths = images.list_images(args.images)
@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for item in report["problems"]:
       print(f"  {item['kind']}: {item['detail']}")
     return 0
-  return cli_errors.run_command(run, debug=args.debug)
+  return command_line.run_command(run, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -27,12 +27,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from spcl_jax import cli_errors
+from spcl_jax import command_line
 from spcl_jax.atomic_file import check_writable, local_output
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = cli_errors.ArgumentParser(prog="python -m spcl_jax.predict", description=__doc__,
+  parser = command_line.ArgumentParser(prog="python -m spcl_jax.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--workdir", help="a fine-tuning workdir (its best-on-val parameters)")
@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   def run() -> int:
     if args.batch_per_device < 1 or args.workers < 1:
-      raise cli_errors.UsageError("--batch-per-device and --workers must be >= 1")
+      raise command_line.UsageError("--batch-per-device and --workers must be >= 1")
     out = local_output(args.out)
     check_writable(out)
     from spcl_jax.inference import images, model  # pylint: disable=g-import-not-at-top
@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {kind}: {item['detail']}")
     print(f"report: {report_path(out)}")
     return 0
-  return cli_errors.run_command(run, debug=args.debug)
+  return command_line.run_command(run, debug=args.debug)
 
 
 if __name__ == "__main__":

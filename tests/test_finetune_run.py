@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -57,13 +58,16 @@ def prepared(tmp_path_factory):
     return {task: build(root / task) for task, build in ff.PREPARED.items()}
 
 
-def run(config, workdir):
-  """train_and_evaluate, recording the size of every split it predicts on, in order."""
+def run(config, workdir, heads=None):
+  """train_and_evaluate, recording the size of every split it predicts on, in order (and, into
+  `heads` if given, the head kernel of the parameters each prediction used)."""
   predicted = []
   original = trainer.predict
 
   def recording_predict(ft, params, dataset, num_images):
     predicted.append(num_images)
+    if heads is not None:
+      heads.append(np.asarray(jax.device_get(params["head"]["kernel"])))
     return original(ft, params, dataset, num_images)
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(trainer, "predict", recording_predict)
@@ -75,8 +79,9 @@ def run(config, workdir):
 def nih_run(prepared, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("nih_run")
   config = ff.finetune_config("nih14", prepared["nih14"])
-  outcome, predicted = run(config, workdir)
-  return config, workdir, outcome, predicted
+  heads = []
+  outcome, predicted = run(config, workdir, heads)
+  return config, workdir, outcome, predicted, heads
 
 
 def losses(workdir):
@@ -86,7 +91,7 @@ def losses(workdir):
 
 @pytest.mark.slow
 def test_nih_run_selects_on_val_scores_test_once_and_writes_results(nih_run):
-  config, workdir, outcome, predicted = nih_run
+  config, workdir, outcome, predicted, _ = nih_run
   saved = json.loads((workdir / "results.json").read_text())
   assert saved == json.loads(json.dumps(outcome))
   assert set(saved) == TOP_LEVEL_KEYS
@@ -119,9 +124,9 @@ def test_nih_run_selects_on_val_scores_test_once_and_writes_results(nih_run):
 def test_predictions_csvs_recompute_results_json_aucs_with_scikit_learn(nih_run):
   import hashlib
   from sklearn.metrics import roc_auc_score
-  from spcl_jax.data.prepared import LabelledSource
+  from spcl_jax.data.prepared_folder import LabelledSource
   from spcl_jax.finetune import predictions
-  config, workdir, outcome, _ = nih_run
+  config, workdir, outcome, _, _ = nih_run
   listed = outcome["predictions"]
   assert set(listed) == {"val_best_val", "test_best_val", "test_last_epoch"}
   for key, entry in (("val_best_val", outcome["val_best"]),
@@ -149,7 +154,7 @@ def test_predict_reproduces_the_runs_test_probabilities_and_reports_bad_files(ni
   import data_fixtures as fx
   from spcl_jax import predict
   from spcl_jax.finetune import predictions
-  config, workdir, outcome, _ = nih_run
+  config, workdir, outcome, _, _ = nih_run
   raw = ff_prepared_dir(config).parent / "raw/images"
   table = predictions.read_classification_csv(
       workdir / outcome["predictions"]["test_best_val"]["file"])
@@ -182,7 +187,7 @@ def test_predict_reproduces_the_runs_test_probabilities_and_reports_bad_files(ni
   np.testing.assert_allclose(probs[:n], table["probs"], rtol=0, atol=1e-5)
   np.testing.assert_allclose(probs[n + 1], probs[n], rtol=0, atol=1e-5)
   # Each file is stored byte for byte as prepare stored it (size, filter, JPEG quality).
-  from spcl_jax.data.prepared import LabelledSource
+  from spcl_jax.data.prepared_folder import LabelledSource
   from spcl_jax.inference import images, model
   test = LabelledSource(config.data.prepared, "test", "100")
   stored = model.load_workdir(workdir).stored
@@ -215,7 +220,7 @@ def test_report_draws_roc_and_training_curves_into_a_self_contained_html(nih_run
   from spcl_jax.finetune import predictions
   from spcl_jax.report import __main__ as report_cli
   from spcl_jax.report import figures
-  _, workdir, outcome, _ = nih_run
+  _, workdir, outcome, _, _ = nih_run
   with contextlib.redirect_stdout(io.StringIO()):
     assert report_cli.main([str(workdir), "--out", str(tmp_path / "report")]) == 0
   pngs = sorted((tmp_path / "report/figures").glob("*.png"))
@@ -239,7 +244,7 @@ def test_report_draws_roc_and_training_curves_into_a_self_contained_html(nih_run
 @pytest.mark.slow
 def test_explain_writes_a_map_per_image_and_reports_bad_files(nih_run, tmp_path, capsys):
   from spcl_jax import explain
-  config, workdir, outcome, _ = nih_run
+  config, workdir, outcome, _, _ = nih_run
   raw = ff_prepared_dir(config).parent / "raw/images"
   names = sorted(p.name for p in raw.glob("*.png"))[:3]
   (tmp_path / "list.txt").write_text("\n".join([str(raw / n) for n in names] + ["gone.png"]))
@@ -258,6 +263,32 @@ def test_explain_writes_a_map_per_image_and_reports_bad_files(nih_run, tmp_path,
   assert code != 0 and "--class 'Fractures' is not one of" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_test_split_is_scored_with_the_best_val_then_the_last_parameters(nih_run):
+  _, workdir, outcome, _, heads = nih_run
+  # This fixture's val score peaks at epoch 1 of 2, so the two test entries must come from
+  # different parameters: the best-on-val ones (WORKDIR/best), then the last checkpoint's.
+  assert outcome["val_best"]["epoch"] == 1
+  best, _ = checkpoint.restore_params(workdir / "best", 4)
+  last, _ = checkpoint.restore_params(workdir, 8)
+  assert not np.array_equal(best["head"]["kernel"], last["head"]["kernel"])
+  # predictions in order: val after epochs 1 and 2, val at the best epoch, test best, test last
+  np.testing.assert_array_equal(heads[3], best["head"]["kernel"])
+  np.testing.assert_array_equal(heads[4], last["head"]["kernel"])
+
+
+@pytest.mark.slow
+def test_export_takes_the_best_val_parameters_not_the_latest_checkpoint(nih_run, tmp_path):
+  from safetensors.numpy import load_file
+  from spcl_jax.export import export_checkpoint
+  _, workdir, outcome, _, heads = nih_run
+  assert outcome["val_best"]["step"] == 4 and checkpoint.available_steps(workdir)[-1] == 8
+  weights, sidecar = export_checkpoint(workdir, "timm", tmp_path / "clf.safetensors")
+  described = json.loads(sidecar.read_text())
+  assert (described["source"]["step"], described["source"]["selected"]) == (4, "best_val")
+  np.testing.assert_array_equal(load_file(str(weights))["head.weight"], heads[3].T)
+
+
 def ff_prepared_dir(config):
   import pathlib
   return pathlib.Path(config.data.prepared)
@@ -265,7 +296,7 @@ def ff_prepared_dir(config):
 
 @pytest.mark.slow
 def test_rerun_of_a_finished_run_does_nothing(nih_run, capsys):
-  config, workdir, outcome, _ = nih_run
+  config, workdir, outcome, _, _ = nih_run
   again, predicted = run(config, workdir)
   assert predicted == [] and again == json.loads(json.dumps(outcome))
   assert "nothing to do" in capsys.readouterr().out
@@ -278,7 +309,7 @@ class _StopAtStep3(StopRequest):
 
 @pytest.mark.slow
 def test_stopped_run_resumes_with_the_same_per_step_losses(nih_run, tmp_path):
-  config, reference_dir, reference, _ = nih_run
+  config, reference_dir, reference, _, _ = nih_run
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(engine, "StopRequest", _StopAtStep3)
     stopped, predicted = run(config, tmp_path)
@@ -451,7 +482,7 @@ class Killed(BaseException):
 @pytest.fixture(scope="module")
 def reference(nih_run):
   """The uninterrupted run: (config, workdir, results)."""
-  config, workdir, outcome, _ = nih_run
+  config, workdir, outcome, _, _ = nih_run
   return config, workdir, outcome
 
 
@@ -576,7 +607,7 @@ def test_a_bad_init_is_refused_before_anything_is_written(reference, tmp_path):
 def test_two_processes_of_four_devices_fine_tune_like_one_process_of_eight(nih_run, tmp_path):
   """launch/local_multiprocess.sh with the fine-tuning CLI: per-process data blocks, gathered
   eval outputs, process 0 alone writing; the same losses, val scores per epoch and results."""
-  config, reference_dir, _, _ = nih_run
+  config, reference_dir, _, _, _ = nih_run
   root = pathlib.Path(__file__).resolve().parents[1]
   env = {**os.environ, "PORT": str(24000 + os.getpid() % 1000), "DEVICES_PER_PROCESS": "4",
          "MODULE": "spcl_jax.finetune", "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",

@@ -190,6 +190,9 @@ RESUME_CHANGES = [
      {"field": "seed", "old": 0, "new": 1, "overridden": True}),
     ("free field, warned", ["--config.total_steps=2"], 0,
      "the learning-rate schedule", {"field": "total_steps", "old": 4, "new": 2}),
+    # config.json (what export reads) keeps the first normalisation: no override changes it
+    ("normalisation, overridden", ["--config.data.mean=0.4", "--allow_config_change=data.mean"],
+     2, "cannot be overridden", None),
     ("override of an unknown field", ["--allow_config_change=sede"], 2, "no such config field",
      None),
 ]
