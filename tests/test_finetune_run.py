@@ -20,8 +20,9 @@ from spcl_jax.preemption import StopRequest
 TOP_LEVEL_KEYS = {"format", "task", "protocol", "label_fraction", "split_scheme", "init",
                   "metric", "classes", "val_best", "test_at_best_val", "test_at_last_epoch",
                   "seeds", "config", "split_hashes", "git_commit", "versions",
-                  "accelerator_seconds", "device_kind", "num_devices"}
-TEST_KEYS = {"epoch", "step", "macro_auc", "per_class", "ci95", "num_images"}
+                  "accelerator_seconds", "device_kind", "num_devices", "pool",
+                  "train_positives"}
+TEST_KEYS = {"epoch", "step", "macro_auc", "per_class", "ci95", "ci95_unit", "num_images"}
 
 
 # Runs here rebuild identical steps: XLA's persistent cache compiles each program once.

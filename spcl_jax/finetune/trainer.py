@@ -3,9 +3,9 @@
   validate config -> encoder init (config.init) -> labelled splits -> mesh, the task's model
   (classifier, or segmenter: `tasks`), LLRD AdamW, sharded state -> resume from WORKDIR's latest
   checkpoint if any -> loop over steps: global batch, step key = fold_in(train key, step), jitted
-  step, metrics; at each epoch end the task's selection metric on `val` (macro AUC; Dice over
-  the images with a pneumothorax), the best-on-val parameters kept in WORKDIR/best, a
-  checkpoint -> after the last epoch: `test` scored once with the best-on-val parameters (and
+  step, metrics; every config.val_every_epochs epochs (the low-label rule's, `recipe`) and
+  after the last, the task's selection metric on `val` (macro AUC; Dice over the images with a
+  pneumothorax), the best-on-val parameters kept in WORKDIR/best, a checkpoint -> at the end: `test` scored once with the best-on-val parameters (and
   once with the last ones) -> WORKDIR/results.json.
 
 The test split is read only after training: nothing during training depends on it. The
@@ -16,6 +16,7 @@ checkpoint; on resume, epochs after the checkpoint are dropped and recomputed (i
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import time
 from typing import Any
@@ -26,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from spcl_jax import accelerator_time, checkpoint, metrics, run_info, sharding, steps
-from spcl_jax.finetune import data, results
+from spcl_jax.finetune import data, recipe, results
 from spcl_jax.finetune.configuration import TASK_DATASETS, validate_finetune_config
 from spcl_jax.finetune.initialization import encoder_for_classifier, load_init
 from spcl_jax.finetune.steps import FineTuning, build_finetuning
@@ -76,8 +77,9 @@ def write_classifier_info(workdir: pathlib.Path, config: ml_collections.ConfigDi
   run_info.write_run_info(workdir, config)
   path = workdir / run_info.FILENAME
   info = json.loads(path.read_text())
-  if config.protocol == "classification":
-    info["classifier"] = {"task": config.task, "pool": config.model.pool,
+  if recipe.is_classification(config.protocol):
+    info["classifier"] = {"task": config.task, "protocol": config.protocol,
+                          "pool": config.model.pool,
                           "num_classes": len(classes), "classes": list(classes),
                           "init": init}
   else:
@@ -130,13 +132,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise ValueError(f"config.data.prepared={config.data.prepared!r} holds {dataset}, but "
                      f"config.task={config.task!r} reads {TASK_DATASETS[config.task]}")
   classes = list(sources["train"].label_names)
-  steps_per_epoch = len(sources["train"]) // config.batch_size
-  if steps_per_epoch < 1:
-    raise ValueError(f"config.batch_size={config.batch_size} is larger than the "
-                     f"{len(sources['train'])} training images at label_fraction="
-                     f"{config.label_fraction}: lower it")
-  total_steps = config.epochs * steps_per_epoch
+  # pool 'auto', protocol 'linear' and the low-label rule: the resolved values go to config.json
+  schedule, changes = recipe.resolve(
+      config, init_kind=init.kind, num_train=len(sources["train"]),
+      num_val=len(sources["val"]),
+      batch_multiple=math.lcm(sharding.num_batch_shards(config, mesh), jax.process_count()))
+  steps_per_epoch, total_steps = schedule.steps_per_epoch, schedule.total_steps
+  train_positives = results.positives_per_class(sources["train"].targets, classes)
   if is_main:
+    for line in changes:
+      print(line, flush=True)
+    warning = results.missing_positives_warning(train_positives, config.label_fraction)
+    if warning:
+      print(warning, flush=True)
     workdir.mkdir(parents=True, exist_ok=True)
     write_classifier_info(workdir, config, classes, init.describe())
     print(f"{config.task}: {len(classes)} classes; train {len(sources['train'])} images "
@@ -247,12 +255,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if pending is not None:
           record_train(*pending)
         pending = (step, step_metrics)
-        epoch_end = step % steps_per_epoch == 0
+        # val (and a checkpoint) every val_every_epochs epochs and after the last (recipe.py)
+        val_due = step % steps_per_epoch == 0 and (
+            step // steps_per_epoch % config.val_every_epochs == 0 or step == total_steps)
         stopping = stop.should_stop(step)
-        if epoch_end or stopping or step % config.checkpoint_every_steps == 0:
+        if val_due or stopping or step % config.checkpoint_every_steps == 0:
           record_train(*pending)  # never checkpoint a state whose loss was not checked
           pending = None
-          if epoch_end:
+          if val_due:
             evaluate_val(step)
           checkpoint.save(manager, step, state.params, state.opt_state, train_iter)
         if stopping:
@@ -279,6 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                init, total_steps, steps_per_epoch)
   finally:
     best_manager.close()
+  summary["train_positives"] = train_positives
   summary.update({k: clock.update()[k] for k in ("accelerator_seconds", "device_kind",
                                                   "num_devices")})
   if is_main:
@@ -353,6 +364,7 @@ def _test_and_report(ft, config, state, sources, classes, selection, best_manage
       "protocol": task.protocol,
       "label_fraction": int(config.label_fraction),
       "split_scheme": config.split_scheme,
+      "pool": config.model.pool if recipe.is_classification(task.protocol) else None,
       "init": init.describe(),
       "metric": task.metric,
       "classes": classes,
