@@ -127,3 +127,10 @@ def test_config_checks_name_the_field():
 def test_chexpert_defaults_to_the_official_split():
   assert shipped("chexpert").split_scheme == "official"
   assert shipped("nih14").split_scheme == "paper"
+
+
+def test_linear_is_a_classification_protocol_with_its_own_name_in_results():
+  from spcl_jax.finetune import tasks
+  assert tasks.task_for(shipped("nih14", protocol="linear")).protocol == "linear"
+  assert tasks.task_for(shipped("nih14")).protocol == "classification"
+  assert recipe.is_classification("linear") and not recipe.is_classification("mgca")
