@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every performance figure the README's table reports, from one run on one NVIDIA H100/H200:
+# Every performance figure docs/benchmarks.md's table reports, from one run on one NVIDIA H100/H200:
 #   bash launch/device_check.sh [OUT_DIR]        (from the repository root; default ./bench-results)
 # The variants use explicit overrides (vitb512, global batch 256, k = 1, bf16), so the figures do
 # not depend on what the config files say today:

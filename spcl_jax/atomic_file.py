@@ -12,7 +12,7 @@ import os
 import pathlib
 from collections.abc import Callable
 
-from spcl_jax.cli_errors import UsageError
+from spcl_jax.errors import UsageError
 from spcl_jax.workdir_path import is_url
 
 

@@ -1,7 +1,7 @@
 """One convention for how every command fails: `error: ...` on one line of stderr, no traceback.
 
-  exit 2  usage and config: a bad flag or argument, a bad config field (`ConfigError`), a
-          workdir whose recorded config forbids the change (`UsageError` subclasses)
+  exit 2  usage and config: a bad flag or argument, a bad config field (`errors.ConfigError`), a
+          workdir whose recorded config forbids the change (`errors.UsageError` subclasses)
   exit 1  runtime: a missing or unreadable file, a corrupt checkpoint, a locked workdir, a
           non-finite loss or state, and anything unexpected
 
@@ -18,23 +18,15 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from spcl_jax.errors import ConfigError, UsageError
+
 USAGE_EXIT_CODE = 2
 RUNTIME_EXIT_CODE = 1
 DEBUG_FLAG = "--debug"
 
 
-class UsageError(ValueError):
-  """A command-line argument or config value the command cannot use (exit code 2)."""
-
-
-def _usage_error_types() -> tuple[type[BaseException], ...]:
-  # Imported here: this module must stay importable before jax (main's flag parsing).
-  from spcl_jax.configuration import ConfigError  # pylint: disable=g-import-not-at-top
-  return (UsageError, ConfigError)
-
-
 def exit_code_for(error: BaseException) -> int:
-  return USAGE_EXIT_CODE if isinstance(error, _usage_error_types()) else RUNTIME_EXIT_CODE
+  return USAGE_EXIT_CODE if isinstance(error, (UsageError, ConfigError)) else RUNTIME_EXIT_CODE
 
 
 def _is_expected(error: BaseException) -> bool:

@@ -6,18 +6,15 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-from spcl_jax import losses, masking
+from spcl_jax import evaluators, losses, masking
 from spcl_jax.data.decode import resize_filter_names
 from spcl_jax.data.sources import check_source_spec
+from spcl_jax.errors import ConfigError
 from spcl_jax.models.attention import ATTENTION_IMPLS, CUDNN_DTYPES, is_nvidia_gpu
 from spcl_jax.models.vit import REMAT_POLICIES, variant_dims
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 ACCUMULATION_MODES = ("cached", "plain")
-
-
-class ConfigError(ValueError):
-  """A config field has a value the run cannot use; the message names the field."""
 
 
 def _require(condition: bool, message: str) -> None:
@@ -47,7 +44,7 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
            "images, so 1 (export can write 3-channel weights)")
   _require(config.model.dtype in COMPUTE_DTYPES,
            f"config.model.dtype={config.model.dtype!r} must be one of {COMPUTE_DTYPES}")
-  _require(config.model.attention_impl in ("", *ATTENTION_IMPLS),
+  _require(config.model.attention_impl in ATTENTION_IMPLS,
            f"config.model.attention_impl={config.model.attention_impl!r} must be one of "
            f"{', '.join(ATTENTION_IMPLS)}")
   if config.model.attention_impl == "cudnn":
@@ -63,7 +60,7 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
            f"config.model.attention_seq_multiple={multiple!r} must be 0 (the kernel's own need) "
            "or a positive token multiple")
   remat = config.model.remat
-  _require(isinstance(remat, bool) or remat in REMAT_POLICIES,
+  _require(remat in REMAT_POLICIES,
            f"config.model.remat={remat!r} must be one of {', '.join(REMAT_POLICIES)}")
 
 
@@ -150,11 +147,6 @@ def _check_batching(config: ml_collections.ConfigDict, num_batch_shards: int,
 
 
 def _check_evals(config: ml_collections.ConfigDict) -> None:
-  for old in ("eval_every_steps", "eval_batches"):
-    _require(old not in config,
-             f"config.{old} is gone: evaluators are configured in config.evals (e.g. "
-             f"config.evals.retrieval.{'every_steps' if old == 'eval_every_steps' else 'batches'})")
-  from spcl_jax import evaluators  # pylint: disable=g-import-not-at-top  (it imports this module)
   evaluators.check_eval_configs(config.get("evals") or ml_collections.ConfigDict())
 
 

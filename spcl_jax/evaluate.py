@@ -24,23 +24,15 @@ from typing import Any
 import ml_collections
 from absl import logging as absl_logging
 
-from spcl_jax import cli_errors
+from spcl_jax import cli_errors, errors
 
 RESULTS_FILE = "evaluations.jsonl"
-# Fields a config.json written before config.evals existed may hold; evaluators replaced them.
-_RETIRED_FIELDS = ("eval_every_steps", "eval_batches")
 
 
 def run_config(workdir: str) -> ml_collections.ConfigDict:
   """The run's resolved config from W/config.json (errors name the file)."""
   from spcl_jax.run_info import read_run_info  # pylint: disable=g-import-not-at-top
-  config = ml_collections.ConfigDict(read_run_info(workdir)["config"])
-  for field in _RETIRED_FIELDS:
-    if field in config:
-      del config[field]
-  if "evals" not in config:
-    config.evals = ml_collections.ConfigDict()
-  return config
+  return ml_collections.ConfigDict(read_run_info(workdir)["config"])
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
@@ -88,7 +80,7 @@ def apply_overrides(config: ml_collections.ConfigDict,
   for path, text in overrides:
     parts = path.split(".")
     if parts[0] != "evals" or len(parts) != 3:
-      raise cli_errors.UsageError(
+      raise errors.UsageError(
           f"--config.{path}: only config.evals.NAME.FIELD can be set here; the "
                        "model, data and preprocessing are the run's (start a new run to change "
                        "them)")
@@ -99,7 +91,7 @@ def apply_overrides(config: ml_collections.ConfigDict,
     try:
       entry[field] = _parse_value(text, entry[field] if field in entry else None)
     except (TypeError, ValueError) as e:
-      raise cli_errors.UsageError(f"--config.{path}={text}: {e}") from None
+      raise errors.UsageError(f"--config.{path}={text}: {e}") from None
 
 
 def evaluate(workdir: str, config: ml_collections.ConfigDict, steps: Sequence[int] | None,

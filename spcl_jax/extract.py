@@ -49,11 +49,6 @@ def open_images(images: str | None = None, data: str | None = None,
     if split is not None:
       raise ValueError("--split applies to --data PREPARED only, not to --images")
     return _image_folder(images)
-  if PREPARED_KIND not in sources.source_kinds():
-    raise ValueError(
-        f"--data {data!r}: this installation has no {PREPARED_KIND!r} image source "
-        f"(spcl_jax.data.prepared; known kinds: {', '.join(sources.source_kinds())}); "
-        "use --images DIR for a folder of PNG/JPEG files")
   return sources.open_source(prepared_source_spec(data, split))
 
 

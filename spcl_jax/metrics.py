@@ -56,6 +56,26 @@ def train_flops_per_image(config: ml_collections.ConfigDict) -> float:
   return 3.0 * 2 * view_forward_flops(config)
 
 
+def image_forward_flops(config: ml_collections.ConfigDict) -> float:
+  """Forward of one whole image (all N patches + CLS) through the encoder, embedding included:
+  what fine-tuning, evaluation and extraction cost per image before any head or decoder."""
+  dims = variant_dims(config.model.variant)
+  p, width = dims["patch_size"], dims["width"]
+  num_patches = (config.model.image_size // p) ** 2
+  embed = 2 * num_patches * p * p * config.model.channels * width
+  return embed + encoder_forward_flops(num_patches + 1, width, dims["depth"], dims["mlp_dim"])
+
+
+def flops_record(config: ml_collections.ConfigDict) -> dict[str, float]:
+  """The analytic FLOPs config.json records at the first start, so that readers (the report)
+  get them without importing the model. Pre-training adds its two-view counts."""
+  record = {"image_forward": image_forward_flops(config)}
+  if "spcl" in config:
+    record.update(train_per_image=train_flops_per_image(config),
+                  view_forward=view_forward_flops(config))
+  return record
+
+
 def peak_flops_per_device(config: ml_collections.ConfigDict, device: jax.Device) -> float | None:
   if config.peak_flops_per_device > 0:
     return float(config.peak_flops_per_device)

@@ -1,8 +1,8 @@
 """WORKDIR/config.json and WORKDIR/history.jsonl: what a run was and how it was (re)started.
 
 config.json records the original resolved config, the model's shape, the image preprocessing and
-normalisation, and the checkpoint layout version, so export and extraction need nothing but the
-workdir. It is written once, at the first start, and never rewritten.
+normalisation, the checkpoint layout version and the analytic FLOPs per image (`flops`, which
+the report reads), so export, extraction and the report need nothing but the workdir. It is written once, at the first start, and never rewritten.
 
 history.jsonl gets one line per start: time, host, PID, the step it starts from, the full
 config, and the fields that changed since the previous start (with the overrides that allowed
@@ -26,8 +26,9 @@ import ml_collections
 
 import spcl_jax
 from spcl_jax.checkpoint import LAYOUT_VERSION
-from spcl_jax.configuration import ConfigError
-from spcl_jax.models.vit import current_variant_name, variant_dims
+from spcl_jax.metrics import flops_record
+from spcl_jax.errors import ConfigError
+from spcl_jax.models.vit import variant_dims
 from spcl_jax.workdir_path import append_line, as_path, rewrite_text
 
 FILENAME = "config.json"
@@ -38,7 +39,7 @@ HISTORY_FILENAME = "history.jsonl"
 LOCKED = ("seed", "model.", "spcl.", "batch_size", "batch_size_per_device", "grad_accum_steps",
           "accumulation", "optim.",
           "data.source", "data.mean", "data.std", "data.resize_filter", "data.shuffle_seed")
-FREE = ("total_steps", "log_every_steps", "eval_every_steps", "eval_batches",
+FREE = ("total_steps", "log_every_steps",
         "checkpoint_every_steps", "max_checkpoints_to_keep", "model.remat",
         "model.attention_impl", "model.attention_seq_multiple", "data.num_workers", "data.read_threads",
         "data.prefetch_buffer_size", "sharding.", "peak_flops_per_device",
@@ -86,6 +87,7 @@ def describe_run(config: ml_collections.ConfigDict) -> dict[str, Any]:
           "intensity": "decoded to [0, 1], stored as uint8; x = (u8 / 255 - mean) / std",
       },
       "normalization": {"mean": config.data.mean, "std": config.data.std},
+      "flops": flops_record(config),
       "config": json.loads(config.to_json_best_effort()),
   }
 
@@ -102,14 +104,6 @@ def read_run_info(workdir: str | pathlib.Path) -> dict[str, Any]:
   if info.get("layout_version") != LAYOUT_VERSION:
     raise ValueError(f"{str(path)!r}: layout_version {info.get('layout_version')} is not "
                      f"{LAYOUT_VERSION}, the one this code reads")
-  return _with_current_variant_names(info)
-
-
-def _with_current_variant_names(info: dict[str, Any]) -> dict[str, Any]:
-  """A workdir written before a variant was renamed reads as if written under the new name."""
-  for model in (info.get("model"), info.get("config", {}).get("model")):
-    if isinstance(model, dict) and isinstance(model.get("variant"), str):
-      model["variant"] = current_variant_name(model["variant"])
   return info
 
 
@@ -150,7 +144,7 @@ def _previous_config(workdir: pathlib.Path) -> dict[str, Any] | None:
   """The config of the last start (history), else the original (config.json), else None."""
   history = read_history(workdir)
   if history:
-    return _with_current_variant_names({"config": history[-1]["config"]})["config"]
+    return history[-1]["config"]
   if (workdir / FILENAME).is_file():
     return read_run_info(workdir)["config"]
   return None

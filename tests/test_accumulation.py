@@ -42,6 +42,7 @@ def test_microbatches_regroup_rows_each_device_already_holds():
     accumulation.to_microbatches(rows, num_shards=4, k=3)
 
 
+@pytest.mark.slow
 def test_each_microbatch_row_gets_the_partition_of_its_global_example():
   config = small_config()
   mesh = sharding.make_mesh(config)
@@ -89,6 +90,7 @@ def max_relative_difference(grads, reference):
   return max(float(np.max(np.abs(g - r))) for g, r in zip(leaves, ref_leaves)) / scale
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [2, 4])
 def test_cached_accumulation_equals_one_pass_on_the_whole_batch(gradients, k):
   metrics1, grads1 = gradients[1, "cached"]
@@ -101,6 +103,7 @@ def test_cached_accumulation_equals_one_pass_on_the_whole_batch(gradients, k):
   assert abs(float(grads1["log_scale"])) > 0
 
 
+@pytest.mark.slow
 def test_plain_accumulation_contrasts_within_each_microbatch(gradients):
   metrics1, grads1 = gradients[1, "cached"]
   metrics_p, grads_p = gradients[2, "plain"]
@@ -126,6 +129,7 @@ def compiled_k2():
   return config, mesh, memory.compile_train_step(config, mesh)
 
 
+@pytest.mark.slow
 def test_compiled_step_moves_no_image_between_devices(compiled_k2):
   config, mesh, compiled = compiled_k2
   found = collectives.collectives(compiled.as_text())
@@ -144,6 +148,7 @@ def test_compiled_step_moves_no_image_between_devices(compiled_k2):
   assert image_collectives(collectives.collectives(moved.as_text()), IMAGE_SIZE, 16)
 
 
+@pytest.mark.slow
 def test_scaling_model_bytes_are_the_compiled_steps(compiled_k2):
   config, mesh, compiled = compiled_k2
   rows = {kind: (modelled, found) for kind, modelled, found in
@@ -179,6 +184,7 @@ ENTRY %main (x: f32[8]) -> f32[8] {
   assert by_kind["all-gather"].group_size == 2 and by_kind["all-gather"].bytes_per_step == 16
 
 
+@pytest.mark.slow
 def test_peak_memory_falls_with_k_at_a_fixed_global_batch():
   config = demo.get_config()
   config.model.image_size, config.batch_size = 128, 32  # activations outweigh the state

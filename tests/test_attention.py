@@ -57,6 +57,7 @@ def kernel_calls(monkeypatch):
 
 @pytest.mark.parametrize("length, multiple",
                          [(n, 8) for n in TOKEN_COUNTS] + [(_vitb512_view_tokens(), 64)])
+@pytest.mark.slow
 def test_padded_and_masked_attention_equals_unpadded(length, multiple, kernel_calls):
   q, k, v = _qkv(length)
   cotangent = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
@@ -137,6 +138,7 @@ def unpadded():
   return types.SimpleNamespace(params=params, views=views, loss=loss, value=value, grads=grads)
 
 
+@pytest.mark.slow
 def test_encoder_with_padded_attention_matches_unpadded_views_and_grads(unpadded):
   """The real encode_views path (vmap over the two views): z and every parameter's gradient."""
   padded = vit.build_encoder(_model_config(attention_seq_multiple=8))
@@ -156,7 +158,7 @@ def test_auto_picks_cudnn_on_nvidia_gpus_for_shapes_it_takes_and_xla_elsewhere()
   h100 = _device("gpu", "NVIDIA H100 80GB HBM3", "cuda 12080")
   resolve = attention.resolve_attention_impl
   assert resolve("auto", jnp.bfloat16, 64, h100) == "cudnn"
-  assert resolve("", jnp.float16, 64, h100) == "cudnn"  # '' is the old spelling of 'auto'
+  assert resolve("auto", jnp.float16, 64, h100) == "cudnn"
   assert resolve("auto", jnp.float32, 64, h100) == "xla"  # the kernel is bf16/fp16 only
   assert resolve("auto", jnp.bfloat16, 12, h100) == "xla"  # head dim not a multiple of 8
   assert resolve("auto", jnp.bfloat16, 64, _device("gpu", "AMD Instinct MI300X", "rocm 6")) == "xla"
@@ -194,6 +196,7 @@ def cudnn_traceable(monkeypatch):
   monkeypatch.setattr(fused, "is_cuda_compute_capability_equal", lambda capability: False)
 
 
+@pytest.mark.slow
 def test_cudnn_path_traces_under_the_view_vmap_with_padding(cudnn_traceable, kernel_calls):
   """Forward and backward of encode_views with the cuDNN kernel, as the train step calls it.
 
@@ -212,6 +215,7 @@ def test_cudnn_path_traces_under_the_view_vmap_with_padding(cudnn_traceable, ker
   assert any(shape[1] == padded and masked for shape, masked in kernel_calls)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["full", "save_dots"])
 def test_remat_policies_keep_values_and_gradients(policy, unpadded):
   remat = vit.build_encoder(_model_config(remat=policy))
@@ -228,9 +232,11 @@ def test_remat_policies_keep_values_and_gradients(policy, unpadded):
   assert all(p is expected for p in policies)
 
 
-def test_remat_accepts_its_old_boolean_spelling():
-  assert [vit.remat_policy_name(v) for v in (True, False, "save_dots")] == [
-      "full", "none", "save_dots"]
+def test_remat_takes_only_the_policy_names():
+  assert [vit.remat_policy_name(v) for v in ("none", "full", "save_dots")] == [
+      "none", "full", "save_dots"]
+  with pytest.raises(ValueError, match="config.model.remat=True must be one of"):
+    vit.remat_policy_name(True)
 
 
 def test_bad_attention_and_remat_settings_fail_with_the_field_named():

@@ -1,4 +1,5 @@
-"""`python -m spcl_jax.main` as a user runs it, in a subprocess."""
+"""`python -m spcl_jax.main` and `python -m spcl_jax.bench` as a user runs them, in a subprocess
+(the slow tier), and the bench dispatcher's usage in-process."""
 
 import json
 import os
@@ -7,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+
+import pytest
 
 from spcl_jax import checkpoint
 
@@ -18,6 +21,7 @@ def run_main(*args, timeout=300):
                         cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_a_users_own_config_in_another_folder_runs_from_any_directory(tmp_path):
   # The user's config lives outside the repository, builds on the shipped demo through the
   # installed package, and main runs from a directory that is not the repository root.
@@ -38,6 +42,7 @@ def test_a_users_own_config_in_another_folder_runs_from_any_directory(tmp_path):
   assert "step 3/3" in result.stdout and "done:" in result.stdout
 
 
+@pytest.mark.slow
 def test_bad_override_exits_non_zero_with_one_line(tmp_path):
   for override, words in (("--config.spcl.mask_ratio=1.5", "config.spcl.mask_ratio=1.5"),
                           ("--config.no_such_field=1", "no_such_field"),
@@ -49,6 +54,7 @@ def test_bad_override_exits_non_zero_with_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
   args = [sys.executable, "-m", "spcl_jax.main", "--config=configs/demo.py",
           f"--workdir={tmp_path}", "--config.model.image_size=64",
@@ -75,6 +81,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
   assert checkpoint.available_steps(tmp_path)[-1] == steps[0] + 2
 
 
+@pytest.mark.slow
 def test_two_processes_of_four_devices_log_the_losses_of_one_process_of_eight(tmp_path):
   """The multi-host path (jax.distributed, per-process data blocks, per-process iterator
   state) gives the single-process run's losses: masks and batches do not depend on layout."""
@@ -103,6 +110,7 @@ def test_two_processes_of_four_devices_log_the_losses_of_one_process_of_eight(tm
       "process_0-of-2.json", "process_1-of-2.json"]
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
   """Preemption may signal one host only: the processes agree (every log step) and all save."""
   workdir = tmp_path / "multi"
@@ -134,6 +142,15 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
   assert len(list(data_state.glob("process_*-of-2.json"))) == 2
 
 
+def test_bench_without_a_benchmark_lists_them_all(monkeypatch, capsys):
+  from spcl_jax.bench import __main__ as bench_main  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(sys, "argv", ["bench"])
+  assert bench_main.main() == 2
+  usage = capsys.readouterr().err
+  assert all(f"\n  {name} " in usage for name in bench_main.BENCHMARKS)
+
+
+@pytest.mark.slow
 def test_bench_command_line_dispatches_to_each_benchmark(tmp_path):
   bench = [sys.executable, "-m", "spcl_jax.bench"]
   usage = subprocess.run(bench, cwd=ROOT, capture_output=True, text=True, timeout=60)

@@ -34,6 +34,7 @@ def test_paper_config_is_the_paper():
   assert resolve_batch_size(config, 8).batch_size == 9600
 
 
+@pytest.mark.slow
 def test_analytic_flops_match_xla_cost_analysis():
   config = default.get_config()
   config.model.variant = "Ti/16"
@@ -52,6 +53,26 @@ def test_analytic_flops_match_xla_cost_analysis():
   assert metrics.train_flops_per_image(config) == 6 * ours_forward  # (fwd + bwd) x 2 views
   # XLA also counts LayerNorm, softmax, GELU and adds: a few percent on top of the matmuls.
   assert 0.9 * xla_forward <= ours_forward <= 1.02 * xla_forward
+
+  # A whole image (all 64 patches) through the same encoder: what fine-tuning's config.json records.
+  patches = jnp.zeros((1, 64, 256))
+  positions = jnp.arange(64, dtype=jnp.int32)[None]
+  analysis = jax.jit(model.apply).lower(params, patches, positions).compile().cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  ours_image = metrics.image_forward_flops(config)
+  assert 0.9 * analysis["flops"] <= ours_image <= 1.02 * analysis["flops"]
+
+
+def test_config_json_records_the_flops_of_its_kind_of_run():
+  pretraining = default.get_config()
+  assert metrics.flops_record(pretraining) == {
+      "image_forward": metrics.image_forward_flops(pretraining),
+      "train_per_image": metrics.train_flops_per_image(pretraining),
+      "view_forward": metrics.view_forward_flops(pretraining)}
+  finetuning = importlib.import_module("configs.finetune.nih14").get_config()
+  assert set(metrics.flops_record(finetuning)) == {"image_forward"}
+  # ViT-B/16 at 224: 196 patches + CLS, 12 blocks of width 768.
+  assert metrics.flops_record(finetuning)["image_forward"] == pytest.approx(34.97e9, rel=1e-3)
 
 
 def test_peak_table_and_override():

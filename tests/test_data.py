@@ -1,6 +1,7 @@
 """Sources, decoding and the grain pipeline."""
 
 import io
+import sys
 
 import numpy as np
 import pytest
@@ -51,6 +52,15 @@ def test_folder_image_below_the_minimum_side_is_an_error_naming_it(tmp_path):
     lowered[1]
   with pytest.raises(ValueError, match="min_side='x'"):
     sources.open_source(f"folder:{tmp_path},min_side=x")
+
+
+def test_prepared_is_a_built_in_source_whose_import_errors_surface(monkeypatch):
+  assert sources.source_kinds() == ["folder", "prepared", "sample"]
+  import spcl_jax.data  # pylint: disable=g-import-not-at-top
+  monkeypatch.delattr(spcl_jax.data, "prepared", raising=False)
+  monkeypatch.setitem(sys.modules, "spcl_jax.data.prepared", None)  # its import now fails
+  with pytest.raises(ImportError):
+    sources.open_source("prepared:/data/prepared/nih")
 
 
 def test_sixteen_bit_png_is_scaled_by_its_full_code_range(tmp_path):
@@ -132,6 +142,7 @@ def test_processes_take_contiguous_blocks_of_the_same_global_batch():
     np.testing.assert_array_equal(assembled, global_batch)
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_stream():
   config = small_config(num_workers=2)
   with_workers = iter(pipeline.train_dataset(config))

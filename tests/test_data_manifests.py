@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import data_fixtures as fx
+from spcl_jax import downstream
 from spcl_jax.data import rle
 from spcl_jax.data.datasets import chexpert, mimic_cxr_jpg, nih_chestxray14, rsna_pneumonia
 from spcl_jax.data.datasets import siim_acr
@@ -125,7 +126,7 @@ def test_chexpert_prefixes_patients_views_and_label_cells(tmp_path):
   np.testing.assert_array_equal(chexpert.targets(codes, "zeros")[0], [0, 0, 0, 0, 1])
   np.testing.assert_array_equal(chexpert.targets(codes, "medical_mae")[0], [1, 0, 0, 1, 1])
   # Blank and explicit 0 are both negative; 1 is positive under every policy.
-  for policy in chexpert.UNCERTAINTY_POLICIES:
+  for policy in downstream.CHEXPERT_POLICIES:
     np.testing.assert_array_equal(chexpert.targets(codes, policy)[1:], [[0, 0, 0, 1, 0],
                                                                         [0, 0, 0, 0, 0]])
   with pytest.raises(ValueError, match="policy 'maybe'"):
@@ -209,8 +210,8 @@ def test_problem_kinds_are_documented():
   problems = mf.Problems()
   with pytest.raises(KeyError):
     problems.add("oops", "x")
-  readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-  report_section = readme.split("### Reading the report")[1].split("\n### ")[0]
+  page = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "datasets.md").read_text()
+  report_section = page.split("## Reading the report")[1].split("\n## ")[0]
   for kind in mf.PROBLEM_KINDS:
     assert f"`{kind}`" in report_section, kind
 

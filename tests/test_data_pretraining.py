@@ -68,6 +68,7 @@ def test_not_a_prepared_folder_is_a_clear_error(tmp_path):
     sources.open_source(f"prepared:{tmp_path}")
 
 
+@pytest.mark.slow
 def test_input_bench_reports_rates(mimic_all_views, capsys):
   from spcl_jax.bench import input as bench_input
   assert bench_input.main(["--data", str(mimic_all_views), "--views", "all", "--seconds",

@@ -31,11 +31,16 @@ def prepared_sample(tmp_path_factory):
   return root / "out"
 
 
-def test_demo_trains_from_the_prepared_folder(prepared_sample, tmp_path):
+def test_the_prepared_sample_reads_back_as_sixteen_radiographs(prepared_sample):
   source = sources.open_source(f"prepared:{prepared_sample}")
   assert len(source) == 16
   first = decode.decode_image(source[0], 64)
   assert first.shape == (64, 64) and 20 < first.mean() < 235  # a real radiograph, not blank
+
+
+@pytest.mark.slow
+def test_demo_trains_from_the_prepared_folder(prepared_sample, tmp_path):
+  source = sources.open_source(f"prepared:{prepared_sample}")
   config = demo.get_config()
   config.data.source = f"prepared:{prepared_sample}"
   config.model.image_size = 64

@@ -28,6 +28,7 @@ def run_cli(capsys, *args):
   return code, captured.out, captured.err
 
 
+@pytest.mark.slow
 def test_module_command_writes_the_npz(workdir, tmp_path):
   path, params = workdir
   out = tmp_path / "mu.npz"
@@ -111,27 +112,3 @@ def test_checkpoint_that_does_not_fit_config_json_is_named(workdir, tmp_path, ca
   (other / "checkpoints").symlink_to(path / "checkpoints")
   code, _, err = run_cli(capsys, "--workdir", other, "--format", "npz", "--out", tmp_path / "x.npz")
   assert code == 1 and "expects" in err and "encoder_norm" in err
-
-
-def test_a_workdir_written_under_the_old_variant_name_still_exports(workdir, tmp_path, capsys):
-  # 'pico' was called 'mu' before (big_vision's mu is another model): old workdirs still load.
-  import shutil
-  old = tmp_path / "old"
-  shutil.copytree(workdir[0], old)
-  info = json.loads((old / "config.json").read_text())
-  info["model"]["variant"] = info["config"]["model"]["variant"] = "mu/16"
-  (old / "config.json").write_text(json.dumps(info))
-  code, _, err = run_cli(capsys, "--workdir", old, "--format", "npz", "--out", tmp_path / "o.npz")
-  assert code == 0, err
-  np.testing.assert_array_equal(read_npz(tmp_path / "o.npz")["cls"],
-                                read_npz_reference(workdir, tmp_path, capsys)["cls"])
-  from spcl_jax.models.vit import variant_dims
-  with pytest.raises(ValueError, match="'mu' is now 'pico'.*use 'pico/16'"):
-    variant_dims("mu/16")
-
-
-def read_npz_reference(workdir, tmp_path, capsys):
-  code, _, err = run_cli(capsys, "--workdir", workdir[0], "--format", "npz", "--out",
-                         tmp_path / "ref.npz")
-  assert code == 0, err
-  return read_npz(tmp_path / "ref.npz")

@@ -1,4 +1,4 @@
-"""The README's export promise: one command, then its two lines of Python give the JAX features."""
+"""The export page's promise (docs/export.md): one command, then its two lines of Python give the JAX features."""
 
 import pathlib
 import re
@@ -9,10 +9,10 @@ from export_fixtures import (TOLERANCE, jax_cls_features, make_config, make_work
                              max_abs_diff, sample_images, torch_input)
 from spcl_jax.export.__main__ import main
 
-DOC = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "export.md"
 
 
-def test_readme_snippet_rebuilds_the_model(tmp_path, monkeypatch):
+def test_documented_snippet_rebuilds_the_model(tmp_path, monkeypatch):
   workdir, params = make_workdir(tmp_path / "workdir", "pico/16", 64)
   text = DOC.read_text()
   command = re.search(r"```bash\n(python -m spcl_jax\.export [^\n]*--format timm[^\n]*)\n",

@@ -66,7 +66,7 @@ def test_cls_token_finetuning_at_224_carries_everything_but_the_head(run):
 
 
 def test_global_pool_finetuning_drops_the_pretrained_norm(run):
-  """Medical MAE's default: mean of the patch tokens through a fresh fc_norm (README, "Export to PyTorch")."""
+  """Medical MAE's default: mean of the patch tokens through a fresh fc_norm (docs/export.md, "Medical MAE")."""
   model = medical_mae_vit(run, img_size=224, num_classes=14, global_pool="avg")
   result = load_like_medical_mae_finetuning(model, run["checkpoint"])
   assert set(result.missing_keys) == HEAD | {"fc_norm.weight", "fc_norm.bias"}

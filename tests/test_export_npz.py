@@ -29,7 +29,7 @@ def run(tmp_path_factory):
               reference=jax_cls_features(VARIANT, IMAGE_SIZE, params, images))
 
 
-@pytest.mark.parametrize("in_chans", [1, 3])
+@pytest.mark.parametrize("in_chans", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_npz_through_timm_big_vision_loader_matches_jax(run, in_chans):
   [path] = export_checkpoint(run["workdir"], "npz", run["root"] / f"vit_{in_chans}.npz",
                              in_chans=in_chans)

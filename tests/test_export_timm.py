@@ -1,7 +1,9 @@
 """timm export: strict loading and CLS parity with the JAX encoder on the bundled CXRs.
 
-float32 on CPU on both sides; max abs difference at most 1e-4 (docs/method.md §8). ViT-tiny
-at 256 on 4 images and ViT-S/16 at 512 on 2 images, each with 1 and 3 input channels.
+float32 on CPU on both sides; max abs difference at most 1e-4 (docs/method.md §8). pico/16 at
+64 on 4 images (the fast tier), ViT-tiny at 256 on 4 images and ViT-S/16 at 512 on 2 images, each
+with 1 and 3 input channels. And the
+whole path a user takes (slow tier): pre-train with the trainer, export, load in timm, extract.
 """
 
 import json
@@ -15,14 +17,20 @@ from timm.models.vision_transformer import VisionTransformer
 
 from export_fixtures import (TOLERANCE, jax_cls_features, make_config, make_workdir,
                              max_abs_diff, sample_images, torch_input)
+from spcl_jax import train
+from spcl_jax.configs import demo
+from spcl_jax.data.sources import SAMPLE_DIR
 from spcl_jax.export import export_checkpoint
+from spcl_jax.extract import main as extract_main
+from spcl_jax.pretrained import load_pretrained
 
 torch.set_default_dtype(torch.float32)
 
-CASES = {"tiny": ("Ti/16", 256, 4), "small": ("S/16", 512, 2)}
+CASES = {"pico": ("pico/16", 64, 4), "tiny": ("Ti/16", 256, 4), "small": ("S/16", 512, 2)}
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
+@pytest.fixture(scope="module", params=["pico", pytest.param("tiny", marks=pytest.mark.slow),
+                                        pytest.param("small", marks=pytest.mark.slow)])
 def case(request, tmp_path_factory):
   """A workdir, its 1- and 3-channel timm exports loaded strictly, and their CLS features."""
   variant, image_size, count = CASES[request.param]
@@ -88,7 +96,48 @@ def test_pos_embed_resamples_to_224_and_keeps_cls_without_position(case):
   assert state["pos_embed"].shape == (1, 1 + grid[0] * grid[1], model_224.embed_dim)
   assert torch.count_nonzero(state["pos_embed"][0, 0]) == 0
   model_224.load_state_dict(state, strict=True)
-  features = cls_features(model_224, torch_input(case["images"][:, :224, :224], 1,
-                                                 case["mean"], case["std"]))
+  reps = -(-224 // case["images"].shape[-1])  # small cases tile their images up to 224
+  images = np.tile(case["images"], (1, reps, reps))[:, :224, :224]
+  features = cls_features(model_224, torch_input(images, 1, case["mean"], case["std"]))
   assert features.shape == (len(case["images"]), model_224.embed_dim)
   assert np.all(np.isfinite(features))
+
+
+# --- the whole path: the trainer's own checkpoint ------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+  config = demo.get_config()
+  config.model.image_size = 64
+  config.total_steps = 4
+  config.checkpoint_every_steps = 4
+  del config.evals["probe"], config.evals["knn"]  # exported here; evaluated in test_train.py
+  workdir = tmp_path_factory.mktemp("trained")
+  train.train_and_evaluate(config, str(workdir))
+  return workdir, config
+
+
+@pytest.mark.slow
+def test_trainer_checkpoint_exports_to_timm_with_parity(trained_workdir, tmp_path):
+  workdir, config = trained_workdir
+  pretrained = load_pretrained(workdir)
+  assert pretrained.step == 4
+  paths = export_checkpoint(workdir, "timm", tmp_path / "vit.safetensors")
+  model, state = build_timm(paths)
+  model.load_state_dict(state, strict=True)
+  _, images = sample_images(64, 4, config.data.resize_filter)
+  ours = jax_cls_features("pico/16", 64, pretrained.params, images)
+  theirs = cls_features(model, torch_input(images, 1, config.data.mean, config.data.std))
+  assert max_abs_diff(ours, theirs) <= TOLERANCE
+  assert np.abs(ours).max() > 0.1  # real features, not a degenerate all-zero output
+
+
+@pytest.mark.slow
+def test_extract_reads_the_trainer_workdir(trained_workdir, tmp_path):
+  workdir, _ = trained_workdir
+  out = tmp_path / "feats.npz"
+  assert extract_main(["--workdir", str(workdir), "--images", str(SAMPLE_DIR),
+                       "--out", str(out)]) == 0
+  feats = np.load(out)
+  assert feats["cls"].shape == (16, 64) and len(set(feats["names"])) == 16
+  assert int(feats["step"]) == 4

@@ -28,6 +28,7 @@ def run(tmp_path_factory):
               reference=jax_cls_features(VARIANT, IMAGE_SIZE, params, images))
 
 
+@pytest.mark.slow
 def test_command_on_the_bundled_folder(run, tmp_path):
   out = tmp_path / "feats.npz"
   # 16 images in batches of 5: the last batch is padded, and its padding must not leak out.
@@ -48,6 +49,7 @@ def test_command_on_the_bundled_folder(run, tmp_path):
     assert max_abs_diff(feats["mean_patch"], feats["cls"]) > 1e-2
 
 
+@pytest.mark.slow
 def test_mean_patch_is_the_mean_of_the_patch_tokens(run):
   import jax  # pylint: disable=g-import-not-at-top
   from spcl_jax.models.vit import encode_images  # pylint: disable=g-import-not-at-top
@@ -63,17 +65,9 @@ def test_mean_patch_is_the_mean_of_the_patch_tokens(run):
   assert max_abs_diff(feats["cls"], tokens[:, 0]) <= 1e-5
 
 
-def test_data_without_the_prepared_kind_says_so(monkeypatch):
-  sources.source_kinds()  # let any optional kind register first, then hide 'prepared'
-  monkeypatch.setattr(sources, "_load_optional_kinds", lambda: None)
-  monkeypatch.delitem(sources._SOURCE_KINDS, "prepared", raising=False)  # pylint: disable=protected-access
-  with pytest.raises(ValueError, match="no 'prepared' image source.*--images DIR"):
-    extract.open_images(data="/data/prepared/nih", split="test")
-
-
+@pytest.mark.slow
 def test_data_goes_through_open_source_with_the_split(run, monkeypatch, tmp_path):
   """--data is wired through `open_source('prepared:...')`, whatever reads it underneath."""
-  sources.source_kinds()
   opened = []
 
   def fake_prepared(argument):
@@ -95,6 +89,7 @@ def test_split_without_data_is_refused():
     extract.open_images(images=str(SAMPLE_DIR), split="val")
 
 
+@pytest.mark.slow
 def test_undecodable_image_is_named(run, tmp_path, capsys):
   folder = tmp_path / "images"
   folder.mkdir()
@@ -107,6 +102,7 @@ def test_undecodable_image_is_named(run, tmp_path, capsys):
   assert not (tmp_path / "f.npz").exists()
 
 
+@pytest.mark.slow
 def test_missing_or_empty_image_folder_is_named(run, tmp_path, capsys):
   code = extract.main(["--workdir", str(run["workdir"]), "--images", str(tmp_path / "nope"),
                        "--out", str(tmp_path / "f.npz")])
@@ -117,6 +113,7 @@ def test_missing_or_empty_image_folder_is_named(run, tmp_path, capsys):
   assert code == 1 and "no .png/.jpg/.jpeg files" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_missing_output_folder_fails_before_extracting(run, tmp_path, capsys):
   code = extract.main(["--workdir", str(run["workdir"]), "--images", str(SAMPLE_DIR),
                        "--out", str(tmp_path / "no" / "f.npz"), "--no-progress"])
@@ -125,6 +122,7 @@ def test_missing_output_folder_fails_before_extracting(run, tmp_path, capsys):
   assert "--out" in err and "does not exist" in err and "16/16" not in err
 
 
+@pytest.mark.slow
 def test_bfloat16_extraction_stays_close_to_float32(run):
   """--dtype bfloat16 (for accelerators) computes the same features, only rounded."""
   source = sources.FolderSource(SAMPLE_DIR)

@@ -5,6 +5,7 @@ import pytest
 from spcl_jax.bench import finetune as bench_finetune
 
 
+@pytest.mark.slow
 def test_bench_finetune_prints_images_per_second(capsys, monkeypatch):
   args = ["--config=configs/finetune/rsna.py", "--config.model.variant=pico/16",
           "--config.model.image_size=32", "--config.batch_size=8", "--config.model.dtype=float32",
@@ -51,6 +52,7 @@ def test_shipped_finetune_configs_validate_with_the_recipe(task):
     module.get_config("384")
 
 
+@pytest.mark.slow
 def test_command_line_errors_are_one_line_with_the_usage_exit_code(tmp_path):
   import pathlib
   import subprocess

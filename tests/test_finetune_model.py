@@ -154,6 +154,7 @@ def test_drop_path_is_identity_at_eval_and_drops_whole_branches_per_example():
   assert drop_path_rates(12, 0.2)[0] == 0.0 and drop_path_rates(12, 0.2)[-1] == 0.2
 
 
+@pytest.mark.slow
 def test_classifier_with_drop_path_equals_without_at_eval_and_differs_in_training():
   config = small_config("avg", 32)
   params = random_classifier_params(config)

@@ -63,6 +63,7 @@ def losses(workdir):
   return {row["step"]: row["loss"] for row in rows if "loss" in row}
 
 
+@pytest.mark.slow
 def test_nih_run_selects_on_val_scores_test_once_and_writes_results(nih_run):
   config, workdir, outcome, predicted = nih_run
   saved = json.loads((workdir / "results.json").read_text())
@@ -97,6 +98,7 @@ def ff_prepared_dir(config):
   return pathlib.Path(config.data.prepared)
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_run_does_nothing(nih_run, capsys):
   config, workdir, outcome, _ = nih_run
   again, predicted = run(config, workdir)
@@ -109,6 +111,7 @@ class _StopAtStep3(StopRequest):
     return step == 3
 
 
+@pytest.mark.slow
 def test_stopped_run_resumes_with_the_same_per_step_losses(nih_run, tmp_path):
   config, reference_dir, reference, _ = nih_run
   with pytest.MonkeyPatch.context() as patch:
@@ -123,6 +126,7 @@ def test_stopped_run_resumes_with_the_same_per_step_losses(nih_run, tmp_path):
     assert resumed[key] == reference[key]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["chexpert", "rsna"])
 def test_chexpert_and_rsna_fine_tune_to_results(prepared, tmp_path, task):
   config = ff.finetune_config(task, prepared[task], epochs=1, **{"optim.warmup_epochs": 0})
@@ -179,6 +183,7 @@ def test_bootstrap_interval_matches_a_numpy_reference():
   assert (lo, hi) == pytest.approx(tuple(np.percentile(values, [2.5, 97.5])), abs=1e-12)
 
 
+@pytest.mark.slow
 def test_user_split_files_are_read_and_a_single_valued_val_class_is_an_error(prepared,
                                                                              tmp_path):
   from spcl_jax.auc import SingleClassError

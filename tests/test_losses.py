@@ -84,6 +84,7 @@ def test_tsp_similarity_closed_form():
                              rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_all_embeddings_identical_gives_log_of_negatives_plus_one():
   # Every logit equals s: each row is a uniform softmax over 2B - 1 columns.
   z = jnp.ones((5, 8))
@@ -105,6 +106,7 @@ def test_partners_identical_and_negatives_orthogonal():
   assert float(retrieval) == 1.0
 
 
+@pytest.mark.slow
 def test_scale_is_clamped_with_zero_gradient_above_the_cap():
   z1, z2 = jnp.eye(3, 4), jnp.eye(3, 4)[::-1]
   grad = jax.grad(lambda ls: losses.spcl_loss(z1, z2, ls, similarity=tsp(0.1)))

@@ -38,6 +38,7 @@ def test_partition_differs_per_example_and_is_deterministic():
   assert not np.array_equal(idx1, other)
 
 
+@pytest.mark.slow
 def test_rows_depend_only_on_global_example_index():
   """A slice of the global batch (another device/process/micro-batch) sees the same masks."""
   key = jax.random.key(7)

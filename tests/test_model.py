@@ -84,6 +84,7 @@ def test_patchify_matches_a_stride_p_convolution():
                              atol=1e-4)
 
 
+@pytest.mark.slow
 def test_layer_norm_and_gelu_match_pytorch_conventions():
   # The MLP's GELU is the exact erf form (Flax's default tanh form is off by ~1e-3): an MLP
   # block with identity-like weights must reproduce erf-GELU, not the tanh approximation.
@@ -103,6 +104,7 @@ def test_layer_norm_and_gelu_match_pytorch_conventions():
   np.testing.assert_allclose(out, ref, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_only_visible_patches_are_encoded_and_order_is_irrelevant_to_cls():
   model = vit.build_encoder(tiny_model_config())
   params = nn.unbox(init(model))["params"]
@@ -117,6 +119,7 @@ def test_only_visible_patches_are_encoded_and_order_is_irrelevant_to_cls():
   np.testing.assert_allclose(out[:, 0], out_perm[:, 0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_remat_and_bfloat16_keep_parameters_and_outputs_close():
   cfg = tiny_model_config()
   model = vit.build_encoder(cfg)

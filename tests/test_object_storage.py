@@ -118,6 +118,7 @@ def test_as_path_keeps_urls_and_resolves_local_paths(tmp_path, monkeypatch):
   assert is_url(URL) and is_url(epath.Path(URL)) and not is_url("gs:/x") and not is_url("/a")
 
 
+@pytest.mark.slow
 def test_gs_workdir_trains_is_killed_resumes_and_exports(fake_gcs, tmp_path, capsys):
   handed_to_orbax, mirror = fake_gcs
   train.train_and_evaluate(quick_config(), URL)

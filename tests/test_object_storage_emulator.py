@@ -164,6 +164,19 @@ def loopback_only(monkeypatch):
   assert not refused, f"connections beyond loopback were attempted: {refused}"
 
 
+def test_the_guard_refuses_connections_beyond_loopback_and_lets_loopback_through(loopback_only):
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as outside:
+    with pytest.raises(OSError, match="loopback only"):
+      outside.connect(("192.0.2.1", 443))  # TEST-NET-1: documentation addresses, never routed
+  assert loopback_only == [("192.0.2.1", 443)]
+  loopback_only.clear()  # refused on purpose here; the fixture fails a test that leaves any
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server, \
+       socket.socket(socket.AF_INET, socket.SOCK_STREAM) as client:
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    client.connect(server.getsockname())
+
+
 # --- helpers ---------------------------------------------------------------------------------
 
 def losses(url: str) -> list[tuple[int, float]]:
@@ -188,6 +201,7 @@ def _bucket_keys(url: str) -> list[str]:
 
 # --- the round trip --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_demo_trains_is_preempted_resumes_and_exports_through_the_emulator(
     emulator, loopback_only, tmp_path, monkeypatch, capsys):
   del emulator, loopback_only
@@ -249,6 +263,7 @@ def test_demo_trains_is_preempted_resumes_and_exports_through_the_emulator(
   assert not pathlib.Path(tmp_path.parent, "gs:").exists()
 
 
+@pytest.mark.slow
 def test_fine_tuning_runs_in_a_gs_workdir_and_exports_its_classifier(
     emulator, loopback_only, tmp_path, monkeypatch):
   del emulator, loopback_only

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from spcl_jax.configs.default import get_config
-from spcl_jax import accelerator_time, metrics
+from spcl_jax import accelerator_time, downstream, metrics
 from spcl_jax.report import __main__ as report_cli
 from spcl_jax.report import runs, tables
 from spcl_jax.run_info import write_run_info
@@ -58,7 +58,7 @@ def write_result(folder, task, fraction, init_path, *, protocol="classification"
               "trivial": {"dice_per_image": 0.75, "dice_positive": 0.0, "dice_global": 0.0}}
   test = {**section(0.0), "ci95": [base - 0.02, base + 0.02], "num_images": 100}
   result = {
-      "format": runs.FORMAT, "task": task, "protocol": protocol, "label_fraction": fraction,
+      "format": downstream.RESULTS_FORMAT, "task": task, "protocol": protocol, "label_fraction": fraction,
       "split_scheme": split_scheme,
       "init": {"kind": "spcl" if init_path else "random",
                "path": str(init_path) if init_path else None, "step": step if init_path else None},
@@ -224,6 +224,20 @@ def test_a_result_missing_a_class_names_the_field(tmp_path):
   (tmp_path / "run" / "results.json").write_text(json.dumps(result))
   with pytest.raises(ValueError, match="no field 'test_at_best_val.per_class.Edema'"):
     report_cli.build([str(tmp_path / "run")])
+
+
+def test_flops_come_from_config_json_and_an_old_one_leaves_the_cells_empty(tmp_path, capsys):
+  workdir, config = pretraining_workdir(tmp_path / "vitb512")
+  info = json.loads((workdir / "config.json").read_text())
+  assert info["flops"]["train_per_image"] == pytest.approx(metrics.train_flops_per_image(config))
+  info["flops"]["train_per_image"] = 7e9  # the report shows what the run recorded
+  (workdir / "config.json").write_text(json.dumps(info))
+  assert runs.describe_pretraining(workdir, "x").train_gflops_per_image == pytest.approx(7.0)
+  del info["flops"]
+  (workdir / "config.json").write_text(json.dumps(info))
+  method = runs.describe_pretraining(workdir, "x")
+  assert method.train_gflops_per_image is None and method.view_forward_gflops is None
+  assert "records no FLOPs" in capsys.readouterr().err
 
 
 def test_protocol_and_pooling_get_rows_of_their_own_and_split_schemes_show_per_column(

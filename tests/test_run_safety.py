@@ -38,6 +38,7 @@ def copy_of(base: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
   return copy
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CORRUPTIONS)
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(base_run, tmp_path, capsys,
                                                                     name):
@@ -64,6 +65,7 @@ def train_config(workdir: pathlib.Path):
   return ml_collections.ConfigDict(run_info.read_run_info(workdir)["config"])
 
 
+@pytest.mark.slow
 def test_a_chosen_restore_step_moves_the_later_checkpoints_aside(base_run, tmp_path):
   workdir = copy_of(base_run, tmp_path)
   config = train_config(workdir)
@@ -77,6 +79,7 @@ def test_a_chosen_restore_step_moves_the_later_checkpoints_aside(base_run, tmp_p
   assert len(list((workdir / checkpoint.SUPERSEDED_DIR).iterdir())) == 1
 
 
+@pytest.mark.slow
 def test_resume_after_faults_is_exact_and_logs_each_step_once(base_run, tmp_path, capsys):
   """A killed run's leftovers all at once: a truncated latest checkpoint, an orbax tmp folder,
   a lock from a dead PID, metrics rows past the last good checkpoint and a line cut short."""
@@ -155,6 +158,7 @@ def test_a_bad_start_is_one_line_and_writes_nothing(tmp_path, capsys, name, over
   assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_a_non_finite_state_is_never_checkpointed(tmp_path, capsys):
   """lr 1e39: step 1's loss and gradient are finite, the parameters after it are not."""
   workdir = tmp_path / "run"
@@ -166,6 +170,7 @@ def test_a_non_finite_state_is_never_checkpointed(tmp_path, capsys):
   assert checkpoint.available_steps(workdir) == []
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_workdir_in_use_exits_naming_the_holder(base_run, tmp_path, capsys):
   workdir = copy_of(base_run, tmp_path)
   before = (workdir / "metrics.jsonl").read_bytes()
@@ -190,6 +195,7 @@ RESUME_CHANGES = [
 
 @pytest.mark.parametrize("name,extra,code,fragment,change", RESUME_CHANGES,
                          ids=[row[0] for row in RESUME_CHANGES])
+@pytest.mark.slow
 def test_a_resume_keeps_the_locked_fields_and_records_every_change(base_run, tmp_path, capsys,
                                                                    name, extra, code, fragment,
                                                                    change):

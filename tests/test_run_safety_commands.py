@@ -189,6 +189,7 @@ def alive(pid: int) -> bool:
   return state != "Z"
 
 
+@pytest.mark.slow
 def test_repeated_sigterms_do_not_cut_the_save_short(tmp_path):
   """SIGTERM every 50 ms until the trainer exits: the ones that land while the checkpoint is
   written are ignored, so it completes; "checkpoint saved" is printed once it has. (One landing
@@ -210,6 +211,7 @@ def test_repeated_sigterms_do_not_cut_the_save_short(tmp_path):
   assert np.isfinite(params["log_scale"])
 
 
+@pytest.mark.slow
 def test_kill_9_leaves_no_worker_behind(tmp_path):
   """The resume after such a kill (lock of a dead PID, tmp folder, extra rows) is the
   `test_resume_after_faults...` row above, in-process."""

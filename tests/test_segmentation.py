@@ -109,8 +109,8 @@ def seg_config(protocol, variant, size, blocks, channels):
 
 
 @pytest.mark.parametrize("protocol,variant,size,blocks,channels", [
-    ("upernet512", "B/16", 512, (3, 5, 7, 11), 512),
-    ("mgca", "B/16", 224, (3, 5, 7, 11), 256),
+    pytest.param("upernet512", "B/16", 512, (3, 5, 7, 11), 512, marks=pytest.mark.slow),
+    pytest.param("mgca", "B/16", 224, (3, 5, 7, 11), 256, marks=pytest.mark.slow),
     ("upernet512", "pico/16", 64, (0, 0, 1, 1), 32),
     ("mgca", "pico/16", 64, (0, 0, 1, 1), 32)])
 def test_decoder_output_shapes_without_allocating(protocol, variant, size, blocks, channels):
@@ -133,6 +133,7 @@ def test_decoder_output_shapes_without_allocating(protocol, variant, size, block
     assert "pyramid" not in params and model.encoder.final_norm
 
 
+@pytest.mark.slow
 def test_encoder_returns_the_configured_blocks_outputs():
   config = ml_collections.ConfigDict({"variant": "pico/16", "image_size": 32, "channels": 1,
                                       "dtype": "float32"})
@@ -228,6 +229,7 @@ def losses(workdir):
   return {row["step"]: row["loss"] for row in rows if "loss" in row}
 
 
+@pytest.mark.slow
 def test_mgca_run_lowers_the_loss_selects_on_val_and_writes_results(mgca_run):
   config, workdir, outcome = mgca_run
   saved = json.loads((workdir / "results.json").read_text())
@@ -251,6 +253,7 @@ def test_mgca_run_lowers_the_loss_selects_on_val_and_writes_results(mgca_run):
   assert info["segmenter"]["protocol"] == "mgca"
 
 
+@pytest.mark.slow
 def test_results_render_in_table_4(mgca_run):
   _, workdir, outcome = mgca_run
   built, _ = report_cli.build([str(workdir)])
@@ -264,6 +267,7 @@ class _StopAtStep3(StopRequest):
     return step == 3
 
 
+@pytest.mark.slow
 def test_stopped_segmentation_run_resumes_with_the_same_losses(mgca_run, tmp_path):
   config, reference_dir, reference = mgca_run
   with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()):
@@ -331,6 +335,7 @@ def test_a_split_without_positives_is_an_error_naming_it():
     tasks.Segmentation("mgca").score(None, counts, ["Pneumothorax"], "the val split")
 
 
+@pytest.mark.slow
 def test_mgca_trains_the_decoder_on_a_frozen_encoder(mgca_run):
   _, workdir, _ = mgca_run
   assert checkpoint.available_steps(workdir) == [3, 6]
@@ -343,6 +348,7 @@ def test_mgca_trains_the_decoder_on_a_frozen_encoder(mgca_run):
   assert all(moved)
 
 
+@pytest.mark.slow
 def test_export_of_a_segmentation_workdir_says_it_is_not_supported(mgca_run, tmp_path):
   from spcl_jax import export
   _, workdir, _ = mgca_run

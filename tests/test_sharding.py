@@ -28,6 +28,7 @@ def rel_err(a, b):
   return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("negatives", ["all", "cross"])
 def test_loss_and_gradients_equal_single_device(negatives):
   rng = np.random.default_rng(0)
@@ -85,6 +86,7 @@ def run_three_steps(config, devices):
   return step_losses, jax.device_get(state.params), mesh
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [1, 2])
 def test_train_step_on_8_devices_equals_1_device(fsdp):
   config = demo.get_config()

@@ -65,6 +65,7 @@ def reference_loss(config, model, params, images, key):
       negatives=config.spcl.negatives, max_scale=config.spcl.max_scale)
 
 
+@pytest.mark.slow
 def test_train_step_loss_equals_the_method_built_by_hand(shared):
   config, training, mesh = shared
   state = training.init_state(jax.random.key(0))
@@ -80,6 +81,7 @@ def test_train_step_loss_equals_the_method_built_by_hand(shared):
   assert float(schedule(0)) != pytest.approx(float(schedule(1)), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_partitioned_views_are_the_partition_and_disjoint(shared):
   config, training, _ = shared
   model = training.model
@@ -93,6 +95,7 @@ def test_partitioned_views_are_the_partition_and_disjoint(shared):
   assert views.shape == (2, BATCH, idx1.shape[1], PATCH * PATCH)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("learn", [True, False])
 def test_learn_temperature_switches_the_scale_update(shared, learn):
   config, training, mesh = shared
@@ -108,6 +111,7 @@ def test_learn_temperature_switches_the_scale_update(shared, learn):
   assert (after != before) == learn
 
 
+@pytest.mark.slow
 def test_log_scale_above_the_cap_is_brought_back_and_logged_raw(shared):
   config, training, mesh = shared
   state = training.init_state(jax.random.key(0))
@@ -144,6 +148,7 @@ def test_loss_cosine_matmul_asks_for_highest_precision():
 
 # --- the optimiser ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_weight_decay_only_on_kernels(shared):
   _, training, _ = shared
   params = training.abstract_state.params
@@ -169,6 +174,7 @@ def test_peak_lr_scales_with_the_batch_and_warms_up_linearly():
   assert float(schedule(100)) == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.slow
 def test_optimizer_equals_a_reference_optax_chain_with_clipping():
   config = tiny_config(total_steps=10, optim=dict(learning_rate=1e-2, warmup_fraction=0.2,
                                                  grad_clip_norm=0.5))
@@ -190,6 +196,7 @@ def test_optimizer_equals_a_reference_optax_chain_with_clipping():
       np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9, err_msg=f"update {step}")
 
 
+@pytest.mark.slow
 def test_bfloat16_step_keeps_the_float32_step_s_loss_and_gradient_norm(shared):
   """The speed settings keep the numerics: one step in bf16 (what accelerators run) against the
   same step in float32, from the same parameters, batch and key."""

@@ -67,6 +67,7 @@ def _as_timm_layout(encoder):
   return state
 
 
+@pytest.mark.slow
 def test_loss_and_gradient_norm_equal_our_train_step(one_step):
   reference, loss = _torch_loss(one_step)
   ours = one_step["metrics"]
@@ -77,6 +78,7 @@ def test_loss_and_gradient_norm_equal_our_train_step(one_step):
   assert reference.log_scale.grad is not None and float(reference.log_scale.grad) != 0.0
 
 
+@pytest.mark.slow
 def test_adamw_update_equals_ours(one_step):
   reference, _ = _torch_loss(one_step)
   lr = float(optimizer.learning_rate_schedule(one_step["config"])(0))
@@ -102,6 +104,7 @@ def test_adamw_update_equals_ours(one_step):
                              one_step["after"]["log_scale"], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_comparison_sees_a_wrong_positive_or_kappa(one_step):
   ours = float(one_step["metrics"]["loss"])
   # View 2 of image i paired with view 1 of image i + 1: the positives are wrong.
@@ -117,6 +120,7 @@ def test_the_comparison_sees_a_wrong_positive_or_kappa(one_step):
     assert abs(mutant - ours) > 1e-3 * abs(ours)
 
 
+@pytest.mark.slow
 def test_cross_negatives_and_cosine_equal_our_loss(one_step):
   """The other objectives of the table (OCL's cross negatives, plain cosine) agree too."""
   rng = np.random.default_rng(1)
@@ -151,6 +155,7 @@ def test_random_views_are_disjoint_and_the_right_size():
     assert len(set(both)) == 6 and all(0 <= i < 16 for i in both)
 
 
+@pytest.mark.slow
 def test_bench_train_prints_one_json_line_per_variant(capsys, monkeypatch, tmp_path):
   """`bench train --reference torch` on CPU: ours, torch eager, torch.compile, each one line.
 

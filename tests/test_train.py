@@ -69,6 +69,7 @@ def finished_run(tmp_path_factory):
   return workdir, summary
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_writes_everything(finished_run):
   workdir, summary = finished_run
   records = read_metrics(workdir)
@@ -105,6 +106,7 @@ def test_training_lowers_the_loss_and_writes_everything(finished_run):
   assert (info["config"]["grad_accum_steps"], info["config"]["accumulation"]) == (2, "cached")
 
 
+@pytest.mark.slow
 def test_logged_lr_is_the_one_each_step_used(finished_run):
   workdir, _ = finished_run
   schedule = optimizer.learning_rate_schedule(quick_config())
@@ -114,6 +116,7 @@ def test_logged_lr_is_the_one_each_step_used(finished_run):
     assert lr == pytest.approx(float(schedule(step - 1)), abs=1e-9), step  # float32 vs float64
 
 
+@pytest.mark.slow
 def test_restart_after_a_checkpoint_logs_identical_losses(finished_run, tmp_path, monkeypatch):
   workdir, _ = finished_run
   resumed = tmp_path / "resumed"
@@ -139,6 +142,7 @@ def test_restart_after_a_checkpoint_logs_identical_losses(finished_run, tmp_path
       first["accelerator_seconds"] + 8 * both["sessions"][1]["wall_seconds"])
 
 
+@pytest.mark.slow
 def test_params_restore_alone_for_export(finished_run):
   workdir, _ = finished_run
   params, step = checkpoint.restore_params(workdir)
@@ -150,6 +154,7 @@ def test_params_restore_alone_for_export(finished_run):
     checkpoint.restore_params(workdir, step=7)
 
 
+@pytest.mark.slow
 def test_resuming_with_another_model_is_refused(finished_run, tmp_path):
   workdir, _ = finished_run
   copy = tmp_path / "copy"
@@ -158,6 +163,7 @@ def test_resuming_with_another_model_is_refused(finished_run, tmp_path):
     train.train_and_evaluate(quick_config(model=dict(variant="Ti/16")), str(copy))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_without_checkpointing_it(tmp_path):
   # A vanishing std turns the normalised pixels into inf, so the very first loss is NaN.
   config = quick_config(total_steps=5)
@@ -188,6 +194,7 @@ def key_data(key):
   return tuple(np.asarray(jax.random.key_data(key)).ravel())
 
 
+@pytest.mark.slow
 def test_step_keys_eval_keys_and_a_non_finite_grad_norm(tmp_path, monkeypatch):
   """Records the keys the loop hands to the jitted steps and injects grad_norm=inf at step 3.
 

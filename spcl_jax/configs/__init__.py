@@ -12,5 +12,5 @@
 
 and runs with `python -m spcl_jax.main --config=/path/to/my_config.py --workdir=...` from any
 directory. The files in the repository's top-level `configs/` point here, so the commands in the
-README (`--config=configs/vitb512.py`) keep working.
+README and docs/ (`--config=configs/vitb512.py`) keep working.
 """

@@ -1,7 +1,7 @@
 """python -m spcl_jax.data.prepare DATASET --src RAW_DIR --out OUT_DIR [--image-size 512] [--workers N]
        python -m spcl_jax.data.prepare DATASET --out OUT_DIR --splits-only [--src RAW_DIR]
 
-Turns one raw download (see the README's Datasets section) into OUT_DIR/:
+Turns one raw download (see docs/datasets.md) into OUT_DIR/:
   splits/*.txt, splits/SHA256SUMS  image names per split, a function of the metadata alone
   tfds/spcl_DATASET/1.0.0/         TFDS array_record records (read with `prepared.py`)
   records.csv                      record index -> name, patient, view, raw label codes
@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 
-from spcl_jax import cli_errors
+from spcl_jax import cli_errors, errors
 from spcl_jax.atomic_file import local_output
 from spcl_jax.data import decode
 from spcl_jax.data import splits as splits_lib
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
   def run() -> int:
     local_output(args.out, folder=True)  # records are written to local disk, never to a bucket
     if args.workers < 1:
-      raise cli_errors.UsageError("--workers must be >= 1")
+      raise errors.UsageError("--workers must be >= 1")
     if args.splits_only:
       report = rewrite_splits(args)
       print(f"{report['settings']['dataset']}: split files of {args.out} rewritten")

@@ -35,12 +35,11 @@ from spcl_jax.data import splits as splits_lib
 from spcl_jax.data.datasets import dataset_module
 from spcl_jax.data.datasets import manifest as mf
 from spcl_jax.data.datasets import records
-from spcl_jax.data.sources import register_source
+from spcl_jax.downstream import FRACTION_SPLIT_FILES, PREPARED_SPLIT_SCHEMES
 from spcl_jax.workdir_path import require_local
 
 _OPTIONS = {"split": "all", "views": "frontal", "fraction": "100"}
-_FRACTION_FILES = {"100": "train", "10": "train_10pct", "1": "train_1pct"}
-SPLIT_SCHEMES = ("paper", "official")
+_FRACTION_FILES = {str(percent): stem for percent, stem in FRACTION_SPLIT_FILES.items()}
 USER_SPLITS = splits_lib.SPLIT_NAMES  # The keys config.split_files may have.
 
 
@@ -75,8 +74,8 @@ def split_file_stem(split: str, fraction: str) -> str:
 
 def scheme_file_stem(scheme: str, split: str, fraction: str) -> str:
   """('official', 'train', '10') -> 'official_train_10pct'; the paper scheme has no prefix."""
-  if scheme not in SPLIT_SCHEMES:
-    raise ValueError(f"split scheme {scheme!r} is not one of {', '.join(SPLIT_SCHEMES)}")
+  if scheme not in PREPARED_SPLIT_SCHEMES:
+    raise ValueError(f"split scheme {scheme!r} is not one of {', '.join(PREPARED_SPLIT_SCHEMES)}")
   stem = split_file_stem(split, fraction)
   return splits_lib.OFFICIAL_PREFIX + stem if scheme == "official" else stem
 
@@ -332,9 +331,7 @@ def _decode_mask(data: bytes) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def _prepared_source(argument: str) -> PreparedSource:
+def open_prepared(argument: str) -> PreparedSource:
+  """The source `config.data.source = "prepared:ARGUMENT"` names (see the module docstring)."""
   out_dir, options = parse_argument(argument)
   return PreparedSource(out_dir, options["split"], options["views"], options["fraction"])
-
-
-register_source("prepared", _prepared_source)

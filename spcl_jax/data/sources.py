@@ -8,7 +8,7 @@ record is a dict with
 Sources do no decoding or resizing: that runs in the pipeline's worker processes.
 
 `config.data.source` names a source as "KIND:ARGUMENT" (or a bare "KIND"). New kinds plug in
-with `register_source` (spcl_jax.data.prepared adds "prepared:DIR" that way); `open_source`
+with `register_source`; `open_source`
 is the one place that turns the string into a source.
 """
 
@@ -107,9 +107,16 @@ def _folder_source(argument: str) -> FolderSource:
   return FolderSource(argument, min_side)
 
 
+def _prepared_source(argument: str) -> ImageSource:
+  # Imported on use: the prepared-folder readers pull in array_record and the dataset modules.
+  from spcl_jax.data import prepared  # pylint: disable=g-import-not-at-top
+  return prepared.open_prepared(argument)
+
+
 _SOURCE_KINDS: dict[str, Callable[[str], ImageSource]] = {
     "sample": _sample_source,
     "folder": _folder_source,
+    "prepared": _prepared_source,
 }
 
 
@@ -121,16 +128,7 @@ def register_source(kind: str, factory: Callable[[str], ImageSource]) -> None:
 
 
 def source_kinds() -> list[str]:
-  _load_optional_kinds()
   return sorted(_SOURCE_KINDS)
-
-
-def _load_optional_kinds() -> None:
-  """Imports the modules that register further kinds (kept lazy: they pull in heavier deps)."""
-  try:
-    from spcl_jax.data import prepared  # noqa: F401  pylint: disable=g-import-not-at-top
-  except ImportError:
-    pass
 
 
 def split_source_spec(spec: str) -> tuple[str, str]:

@@ -19,11 +19,14 @@ import hashlib
 import pathlib
 from collections.abc import Iterable, Mapping, Sequence
 
+from spcl_jax.downstream import FRACTION_SPLIT_FILES
+
 SPLIT_SEED = 0
 SPLIT_NAMES = ("train", "val", "test")
 SPLIT_RATIOS = (0.7, 0.2, 0.1)
-# File stem -> fraction of the train split. 100% is train.txt itself.
-LABEL_FRACTIONS = {"train_1pct": 0.01, "train_10pct": 0.10}
+# File stem -> fraction of the train split, smallest first. 100% is train.txt itself.
+FRACTION_SHARES = {FRACTION_SPLIT_FILES[percent]: percent / 100
+                   for percent in sorted(FRACTION_SPLIT_FILES) if percent != 100}
 CHECKSUM_FILE = "SHA256SUMS"
 OFFICIAL_PREFIX = "official_"
 # Share of the official train(+val) patients kept for validation. Medical MAE's NIH lists keep
@@ -73,7 +76,7 @@ def split_images(patient_of: Mapping[str, str], seed: int = SPLIT_SEED) -> dict[
 
 
 def label_fractions(train_images: Iterable[str], seed: int = SPLIT_SEED,
-                    fractions: Mapping[str, float] = LABEL_FRACTIONS,
+                    fractions: Mapping[str, float] = FRACTION_SHARES,
                     prefix: str = "") -> dict[str, list[str]]:
   """Nested uniform subsets of the train images: {prefix + file stem: sorted image names}."""
   ranked = _ranked(train_images, seed, "fraction")

@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from spcl_jax.configuration import ConfigError
+from spcl_jax.errors import ConfigError
 from spcl_jax.workdir_path import as_path
 
 BUILT_IN = ("pair_retrieval", "linear_probe", "knn")

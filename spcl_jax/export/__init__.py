@@ -6,7 +6,7 @@
 A fine-tuning workdir (python -m spcl_jax.finetune) exports its classifier, head included, to
 timm (`classifier.py`; the best-on-val parameters unless --step). Only the `params` item of the
 checkpoint is restored (see `spcl_jax.pretrained`). The layouts are
-in `layout.py` (timm / Medical MAE) and `npz_format.py`; the README section "Export to PyTorch" is the user's guide.
+in `layout.py` (timm / Medical MAE) and `npz_format.py`; docs/export.md is the user's guide.
 torch is needed for the medical_mae format only (imported when it writes); the timm format needs
 `safetensors` (with numpy, not torch).
 """

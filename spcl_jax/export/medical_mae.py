@@ -7,7 +7,7 @@ with `strict=False`:
   - with its default `--global_pool`, the pre-trained final `norm` is dropped (unexpected key) and
     a freshly initialised `fc_norm` over the mean of the patch tokens is used instead;
   - with `--cls_token`, the CLS token and the pre-trained `norm` are used, as in pre-training.
-The head is new in both cases. The README says this to users.
+The head is new in both cases. docs/export.md says this to users.
 
 The file also carries {'spcl_jax': the export description} (plain types only, so it loads with
 `torch.load(..., weights_only=True)`); Medical MAE ignores it.

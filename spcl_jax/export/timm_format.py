@@ -4,7 +4,7 @@
   OUT.json          {"timm_kwargs": constructor arguments, "image_size", "in_chans",
                      "mean"/"std" per channel, "preprocessing", "source": workdir and step}
 
-Rebuilding the model in PyTorch takes two lines (README, "Export to PyTorch"):
+Rebuilding the model in PyTorch takes two lines (docs/export.md):
 
   model = VisionTransformer(**json.load(open("OUT.json"))["timm_kwargs"])
   model.load_state_dict(safetensors.torch.load_file("OUT.safetensors"))

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import ml_collections
 
-from spcl_jax.configuration import COMPUTE_DTYPES, ConfigError
+from spcl_jax.configuration import COMPUTE_DTYPES
 from spcl_jax.data.decode import resize_filter_names
-from spcl_jax.finetune.data import SPLIT_SCHEMES
-from spcl_jax.finetune.recipe import CLASSIFICATION_PROTOCOLS, POOL_CHOICES
+from spcl_jax.downstream import (CHEXPERT_POLICIES, LABEL_FRACTIONS, SEGMENTATION_TASKS,
+                                 SPLIT_SCHEMES, TASK_DATASETS, protocols_of)
+from spcl_jax.errors import ConfigError
+from spcl_jax.finetune.recipe import POOL_CHOICES
 from spcl_jax.models.vit import variant_dims
-
-# config.task -> the prepared dataset it reads.
-TASK_DATASETS = {"nih14": "nih_chestxray14", "chexpert": "chexpert", "rsna": "rsna_pneumonia",
-                 "siim": "siim_acr"}
-SEGMENTATION_PROTOCOLS = ("mgca", "upernet512")
-LABEL_FRACTIONS = (1, 10, 100)
-CHEXPERT_POLICIES = ("medical_mae", "ones", "zeros")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -27,8 +22,8 @@ def validate_finetune_config(config: ml_collections.ConfigDict, *, num_batch_sha
                              process_count: int = 1) -> None:
   _require(config.task in TASK_DATASETS,
            f"config.task={config.task!r} must be one of {tuple(TASK_DATASETS)}")
-  segmentation = config.task == "siim"
-  protocols = SEGMENTATION_PROTOCOLS if segmentation else CLASSIFICATION_PROTOCOLS
+  segmentation = config.task in SEGMENTATION_TASKS
+  protocols = protocols_of(config.task)
   _require(config.get("protocol", "classification") in protocols,
            f"config.protocol={config.get('protocol')!r} must be one of {protocols} for "
            f"config.task={config.task!r}")

@@ -27,9 +27,8 @@ import numpy as np
 from spcl_jax.data import pipeline
 from spcl_jax.data.decode import decode_image
 from spcl_jax.data.prepared import LabelledSource
+from spcl_jax.downstream import SPLIT_SCHEMES
 from spcl_jax.finetune.augment import EvalTransform as EvalAugment, TrainAugment
-
-SPLIT_SCHEMES = ("paper", "official", "files")
 
 
 def split_sources(config: ml_collections.ConfigDict) -> dict[str, LabelledSource]:

@@ -22,12 +22,12 @@ import math
 
 import ml_collections
 
+from spcl_jax.downstream import CLASSIFICATION_PROTOCOLS
 from spcl_jax.finetune.model import POOLS
 
 AUTO_POOL = "cls"  # the winner of `bench transfer` (docs/method.md, "Fine-tuning pooling")
 POOL_CHOICES = ("auto", *POOLS)
 IMPORTED_KINDS = ("timm", "medical_mae", "big_vision")  # initialization.FILE_KINDS' values
-CLASSIFICATION_PROTOCOLS = ("classification", "linear")
 
 
 def resolve_pool(pool: str, init_kind: str) -> str:

@@ -1,4 +1,4 @@
-"""WORKDIR/results.json of a fine-tuning run (format 'spcl_jax.finetune.results/1').
+"""WORKDIR/results.json of a fine-tuning run (format `downstream.RESULTS_FORMAT`).
 
 Scores are the logits (AUC depends on their order only, which sigmoid keeps). The test
 interval is a percentile bootstrap: resample the units with replacement (patients where the
@@ -23,7 +23,6 @@ import numpy as np
 from spcl_jax import auc
 from spcl_jax.workdir_path import rewrite_text
 
-FORMAT = "spcl_jax.finetune.results/1"
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy",
              "scikit-learn", "ml-collections")
 

@@ -23,7 +23,6 @@ import optax
 from spcl_jax import sharding
 from spcl_jax.data.normalize import normalize_uint8
 from spcl_jax.finetune import optimizer, tasks
-from spcl_jax.finetune.tasks import bce_with_logits  # noqa: F401  (its home before tasks.py)
 from spcl_jax.steps import TrainState
 
 

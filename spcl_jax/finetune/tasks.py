@@ -30,12 +30,12 @@ import ml_collections
 import numpy as np
 import optax
 
+from spcl_jax.downstream import SEGMENTATION_TASKS
 from spcl_jax.finetune import dice, results
 from spcl_jax.finetune.decoders import DECODERS, build_segmenter
 from spcl_jax.finetune.model import build_classifier
 from spcl_jax.finetune.recipe import is_classification
 
-SEGMENTATION_TASKS = ("siim",)
 SOFT_DICE_SMOOTH = 1.0  # keeps 1 - Dice finite (and = 0) on a batch with no foreground at all
 
 

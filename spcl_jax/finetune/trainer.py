@@ -27,8 +27,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from spcl_jax import accelerator_time, checkpoint, metrics, run_info, sharding, steps
+from spcl_jax.downstream import RESULTS_FILE, RESULTS_FORMAT, TASK_DATASETS
 from spcl_jax.finetune import data, recipe, results
-from spcl_jax.finetune.configuration import TASK_DATASETS, validate_finetune_config
+from spcl_jax.finetune.configuration import validate_finetune_config
 from spcl_jax.finetune.initialization import encoder_for_classifier, load_init
 from spcl_jax.finetune.steps import FineTuning, build_finetuning
 from spcl_jax.models.vit import variant_dims
@@ -37,7 +38,6 @@ from spcl_jax.train import NonFiniteLossError
 from spcl_jax.workdir_path import as_path, check_store_client
 
 SELECTION_FILE = "selection.json"
-RESULTS_FILE = "results.json"
 
 
 def _keys(seed: int) -> dict[str, jax.Array]:
@@ -359,7 +359,7 @@ def _test_and_report(ft, config, state, sources, classes, selection, best_manage
     entries[name] = task.test_entry(step // steps_per_epoch, step, sources["test"], outputs,
                                     classes, config)
   return {
-      "format": results.FORMAT,
+      "format": RESULTS_FORMAT,
       "task": config.task,
       "protocol": task.protocol,
       "label_fraction": int(config.label_fraction),

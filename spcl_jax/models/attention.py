@@ -36,11 +36,11 @@ def resolve_attention_impl(name: str, dtype: Dtype, head_dim: int,
                            device: jax.Device | None = None) -> str:
   """config.model.attention_impl -> the kernel that runs: 'xla' or 'cudnn'.
 
-  'auto' (and '', its old spelling) picks cuDNN's fused flash attention on NVIDIA GPUs when the
+  'auto' picks cuDNN's fused flash attention on NVIDIA GPUs when the
   kernel takes the shapes (bf16/fp16, head dim a multiple of 8 and at most 128), else XLA's
   einsums: on CPU, and on TPU, where no fused kernel has been measured faster yet.
   """
-  if name not in ("", *ATTENTION_IMPLS):
+  if name not in ATTENTION_IMPLS:
     raise ValueError(f"config.model.attention_impl={name!r} must be one of "
                      f"{', '.join(ATTENTION_IMPLS)}")
   if name in ("xla", "cudnn"):

@@ -40,25 +40,9 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
 }
 
 
-# Names this project used before, for variants now named otherwise. 'mu' was our 64-wide test
-# model, but big_vision's mu is 32 wide and 1 deep: names shared with big_vision must mean what
-# they mean there. Workdirs written under an old name are read under the new one.
-RENAMED_VARIANTS = {"mu": "pico"}
-
-
-def current_variant_name(variant: str) -> str:
-  """'mu/16' (a workdir's config.json from before the rename) -> 'pico/16'; others unchanged."""
-  name, slash, patch = variant.partition("/")
-  return f"{RENAMED_VARIANTS.get(name, name)}{slash}{patch}"
-
-
 def variant_dims(variant: str) -> dict[str, int]:
   """'B/16' -> width, depth, num_heads, mlp_dim, patch_size."""
   name, _, patch = variant.partition("/")
-  if name in RENAMED_VARIANTS:
-    raise ValueError(f"config.model.variant={variant!r}: {name!r} is now "
-                     f"{RENAMED_VARIANTS[name]!r} (same shape; big_vision's {name!r} is another "
-                     f"model): use '{current_variant_name(variant)}'")
   if name not in VARIANTS or not patch.isdigit():
     raise ValueError(f"config.model.variant={variant!r}: expected NAME/PATCH with NAME in "
                      f"{', '.join(VARIANTS)} (e.g. 'B/16')")
@@ -204,7 +188,7 @@ class Encoder1DBlock(nn.Module):
 # 'full' keeps only the block's input (the memory of one block instead of all, ~1/3 more
 # compute); 'save_dots' keeps the outputs of the weight matmuls (projections, MLP) and
 # recomputes the rest: the layer norms, GELU and the attention itself, whose (L, L)
-# logits are what costs memory. `True`/`False` are the old spellings of 'full'/'none'.
+# logits are what costs memory.
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -212,15 +196,13 @@ REMAT_POLICIES = {
 }
 
 
-def remat_policy_name(remat: bool | str) -> str:
-  if isinstance(remat, bool):
-    return "full" if remat else "none"
+def remat_policy_name(remat: str) -> str:
   if remat not in REMAT_POLICIES:
     raise ValueError(f"config.model.remat={remat!r} must be one of {', '.join(REMAT_POLICIES)}")
   return remat
 
 
-def remat_block(remat: bool | str) -> type[nn.Module]:
+def remat_block(remat: str) -> type[nn.Module]:
   name = remat_policy_name(remat)
   if name == "none":
     return Encoder1DBlock

@@ -14,7 +14,7 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-from spcl_jax import cli_errors
+from spcl_jax import cli_errors, downstream
 from spcl_jax.atomic_file import local_output
 from spcl_jax.report import runs, tables
 
@@ -45,8 +45,9 @@ def build(run_dirs: Sequence[str], *, names: Sequence[str] = (), selection: str 
 
 
 def _runs_line(path, result, label, selection, dice_metric) -> dict[str, object]:
-  metric = "macro_auc" if result["protocol"] in runs.CLASSIFICATION_PROTOCOLS else dice_metric
-  test = result[runs.SELECTIONS[selection]]
+  metric = ("macro_auc" if result["protocol"] in downstream.CLASSIFICATION_PROTOCOLS
+            else dice_metric)
+  test = result[downstream.SELECTIONS[selection]]
   seconds = result.get("accelerator_seconds")
   return {
       "results": str(path), "method": label, "task": result["task"],
@@ -85,9 +86,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--name", action="append", default=[], metavar="PATH=LABEL",
                       help="row label for the pre-training workdir (or init checkpoint) PATH; "
                       "default: the workdir's folder name")
-  parser.add_argument("--at", default="best_val", choices=tuple(runs.SELECTIONS),
+  parser.add_argument("--at", default="best_val", choices=tuple(downstream.SELECTIONS),
                       help="which test numbers: at the best validation epoch (default) or the last")
-  parser.add_argument("--per-class-fraction", type=int, default=100, choices=runs.FRACTIONS,
+  parser.add_argument("--per-class-fraction", type=int, default=100, choices=downstream.LABEL_FRACTIONS,
                       help="label fraction of Tables 2 and 3 (default 100, as the paper)")
   parser.add_argument("--dice", default="dice_per_image", choices=tables.DICE_METRICS,
                       help="Table 4's Dice (default: per-image Dice averaged over all test "

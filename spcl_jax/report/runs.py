@@ -17,18 +17,13 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import ml_collections
+from spcl_jax import accelerator_time
+from spcl_jax.downstream import (CLASSIFICATION_PROTOCOLS, LABEL_FRACTIONS, PROTOCOLS, RESULTS_FILE,
+                                 RESULTS_FORMAT, SELECTIONS, TASKS)
 
-from spcl_jax import accelerator_time, metrics, run_info
-
-FORMAT = "spcl_jax.finetune.results/1"
-RESULTS_FILE = "results.json"
-TASKS = ("nih14", "chexpert", "rsna", "siim")
-CLASSIFICATION_PROTOCOLS = ("classification", "linear")  # full fine-tuning, linear evaluation
-PROTOCOLS = (*CLASSIFICATION_PROTOCOLS, "mgca", "upernet512")
+# A workdir's config.json (run_info.FILENAME), read as JSON: the report never imports the model.
+CONFIG_FILE = "config.json"
 VARIANT_SEPARATOR = "\x01"  # in a row key: LABEL[\0STEP][\x01VARIANT]
-FRACTIONS = (1, 10, 100)
-SELECTIONS = {"best_val": "test_at_best_val", "last_epoch": "test_at_last_epoch"}
 
 
 def find_results(run_dirs: Sequence[str]) -> list[pathlib.Path]:
@@ -73,14 +68,14 @@ def load_result(path: pathlib.Path, selection: str = "best_val") -> dict[str, An
     result = json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise ValueError(f"{path}: not JSON ({e})") from e
-  _require(isinstance(result, dict) and result.get("format") == FORMAT, path,
+  _require(isinstance(result, dict) and result.get("format") == RESULTS_FORMAT, path,
            f"'format' is {result.get('format') if isinstance(result, dict) else None!r}, "
-           f"not {FORMAT!r}")
+           f"not {RESULTS_FORMAT!r}")
   _require(result.get("task") in TASKS, path, f"'task' {result.get('task')!r} is not one of {TASKS}")
   _require(result.get("protocol") in PROTOCOLS, path,
            f"'protocol' {result.get('protocol')!r} is not one of {PROTOCOLS}")
-  _require(result.get("label_fraction") in FRACTIONS, path,
-           f"'label_fraction' {result.get('label_fraction')!r} is not one of {FRACTIONS}")
+  _require(result.get("label_fraction") in LABEL_FRACTIONS, path,
+           f"'label_fraction' {result.get('label_fraction')!r} is not one of {LABEL_FRACTIONS}")
   init = result.get("init")
   _require(isinstance(init, dict) and "kind" in init and "path" in init, path,
            "'init' needs 'kind' and 'path'")
@@ -107,7 +102,7 @@ def pretraining_workdir(path: str | None) -> pathlib.Path | None:
     return None
   path = pathlib.Path(path).expanduser()
   for folder in (path, *path.parents):
-    if (folder / run_info.FILENAME).is_file():
+    if (folder / CONFIG_FILE).is_file():
       return folder.resolve()
   return None
 
@@ -131,14 +126,19 @@ def backbone_name(variant: str) -> str:
 
 
 def describe_pretraining(workdir: pathlib.Path, label: str) -> Method:
-  """GFLOPs from the run's config (spcl_jax.metrics), hours from accelerator_time.json."""
-  path = workdir / run_info.FILENAME
-  try:  # not read_run_info: its checkpoint-layout check does not matter to a table
+  """GFLOPs as the run's config.json recorded them, hours from accelerator_time.json."""
+  path = workdir / CONFIG_FILE
+  try:
     info = json.loads(path.read_text())
-    config = ml_collections.ConfigDict(info["config"])
     variant = info["model"]["variant"]
+    flops = info.get("flops", {})
+    if "spcl" not in info["config"]:
+      raise KeyError("spcl")
   except (ValueError, KeyError, TypeError) as e:
     raise ValueError(f"{path}: not a pre-training config.json ({e!r})") from e
+  if "train_per_image" not in flops:
+    print(f"report: {path} records no FLOPs (written before they were recorded): the GFLOPs "
+          "cells of its row stay empty", file=sys.stderr)
   timing = accelerator_time.read_accelerator_time(workdir)
   hours = accelerators = None
   if timing is not None:
@@ -146,9 +146,13 @@ def describe_pretraining(workdir: pathlib.Path, label: str) -> Method:
     accelerators = " + ".join(dict.fromkeys(
         f"{s['num_devices']} x {s['device_kind']}" for s in timing["sessions"]))
   return Method(label=label, backbone=backbone_name(variant),
-                train_gflops_per_image=metrics.train_flops_per_image(config) / 1e9,
-                view_forward_gflops=metrics.view_forward_flops(config) / 1e9,
+                train_gflops_per_image=_giga(flops.get("train_per_image")),
+                view_forward_gflops=_giga(flops.get("view_forward")),
                 accelerator_hours=hours, accelerators=accelerators or "")
+
+
+def _giga(flops: float | None) -> float | None:
+  return None if flops is None else flops / 1e9
 
 
 def parse_names(pairs: Sequence[str]) -> dict[pathlib.Path, str]:

@@ -12,16 +12,19 @@ import io
 import pathlib
 from typing import Any
 
+from spcl_jax import downstream
 from spcl_jax.data.datasets import chexpert, nih_chestxray14
-from spcl_jax.report.runs import (CLASSIFICATION_PROTOCOLS, FRACTIONS, SELECTIONS, Method,
-                                  final_labels)
+from spcl_jax.downstream import CLASSIFICATION_PROTOCOLS, LABEL_FRACTIONS, SELECTIONS
+from spcl_jax.report.runs import Method, final_labels
 
-CLASSIFICATION_TASKS = (("nih14", "ChestX-ray14"), ("chexpert", "CheXpert"),
-                        ("rsna", "RSNA Pneu."))
+CLASSIFICATION_TASKS = tuple((task, downstream.TASK_TITLES[task])
+                             for task in downstream.CLASSIFICATION_TASKS)
 # Table 2 in the paper's column order; Table 3 in the dataset's (and Medical MAE's) order.
 CHEXPERT_CLASSES = chexpert.TASK_LABELS
 NIH_CLASSES = nih_chestxray14.LABELS
-SEGMENTATION_PROTOCOLS = (("mgca", "MGCA-style"), ("upernet512", "UperNet 512"))
+PROTOCOL_TITLES = {"mgca": "MGCA-style", "upernet512": "UperNet 512"}
+SEGMENTATION_PROTOCOLS = tuple((protocol, PROTOCOL_TITLES[protocol])
+                               for protocol in downstream.SEGMENTATION_PROTOCOLS)
 DICE_METRICS = {
     "dice_positive": "mean Dice over the test images with a pneumothorax",
     "dice_per_image": "per-image Dice over all test images, an empty truth scoring 1 if the "
@@ -187,19 +190,20 @@ def table1(cells: Cells, methods: dict[str, Method]) -> Table:
   labels = final_labels(methods)
   columns = ["Method", "Backbone", "train GFLOPs/image", "fwd GFLOPs/view",
              "accelerator-hours", "accelerators"]
-  columns += [f"{name} {f}%" for _, name in CLASSIFICATION_TASKS for f in FRACTIONS]
+  columns += [f"{name} {f}%" for _, name in CLASSIFICATION_TASKS for f in LABEL_FRACTIONS]
   rows = [split_scheme_row(cells, [(t, "classification", f) for t, _ in CLASSIFICATION_TASKS
-                                   for f in FRACTIONS], 6)]
+                                   for f in LABEL_FRACTIONS], 6)]
   for key, method in methods.items():
     row = [labels[key], method.backbone, method.train_gflops_per_image,
            method.view_forward_gflops, method.accelerator_hours, method.accelerators or None]
-    row += [cells.auc(key, task, f) for task, _ in CLASSIFICATION_TASKS for f in FRACTIONS]
+    row += [cells.auc(key, task, f) for task, _ in CLASSIFICATION_TASKS for f in LABEL_FRACTIONS]
     rows.append(row)
   notes = [
       "mAUC: macro-averaged ROC-AUC. " + _selection_note(cells, ("nih14", "chexpert", "rsna")),
       "train GFLOPs/image: forward + backward of both masked views of one image in pre-training "
-      "(spcl_jax.metrics.train_flops_per_image, matmuls only); fwd GFLOPs/view: the forward of "
-      "one view (its visible patches + CLS). Not the paper's undefined GFLOPs column.",
+      "(spcl_jax.metrics.train_flops_per_image, recorded in its config.json; matmuls only); "
+      "fwd GFLOPs/view: the forward of one view (its visible patches + CLS). Not the paper's "
+      "undefined GFLOPs column.",
       "accelerator-hours: pre-training only, devices x wall time summed over restarts, from the "
       "pre-training workdir's accelerator_time.json.",
   ]
@@ -222,22 +226,22 @@ def per_class_table(cells: Cells, methods: dict[str, Method], task: str, classes
 def table4(cells: Cells, methods: dict[str, Method], metric: str) -> Table:
   labels = final_labels(methods)
   columns = ["Method", "Backbone"]
-  columns += [f"{name} {f}%" for _, name in SEGMENTATION_PROTOCOLS for f in FRACTIONS]
+  columns += [f"{name} {f}%" for _, name in SEGMENTATION_PROTOCOLS for f in LABEL_FRACTIONS]
   rows = [split_scheme_row(cells, [("siim", p, f) for p, _ in SEGMENTATION_PROTOCOLS
-                                   for f in FRACTIONS], 2)]
+                                   for f in LABEL_FRACTIONS], 2)]
   rows += [[labels[key], method.backbone,
             *[cells.dice(key, protocol, f, metric)
-              for protocol, _ in SEGMENTATION_PROTOCOLS for f in FRACTIONS]]
+              for protocol, _ in SEGMENTATION_PROTOCOLS for f in LABEL_FRACTIONS]]
            for key, method in methods.items()]
   keys = list(methods)
   trivial = [cells.trivial_dice(keys, protocol, f, metric)
-             for protocol, _ in SEGMENTATION_PROTOCOLS for f in FRACTIONS]
+             for protocol, _ in SEGMENTATION_PROTOCOLS for f in LABEL_FRACTIONS]
   if any(score is not None for score in trivial):
     rows.append([TRIVIAL_ROW, "", *trivial])
   notes = [
       f"Dice (%): {metric}, the {DICE_METRICS[metric]}. " + _selection_note(cells, ("siim",)),
       "Columns by segmentation protocol: 'mgca' (MGCA's setting) and 'upernet512' (MRM's "
-      "UperNet setting at 512); see the README's Segmentation section.",
+      "UperNet setting at 512); see docs/finetuning.md, Segmentation.",
       f"'{TRIVIAL_ROW}': the score of predicting no pneumothorax anywhere on the same test set.",
   ]
   return Table("table4", "Table 4: SIIM-ACR pneumothorax segmentation", columns, rows, notes)

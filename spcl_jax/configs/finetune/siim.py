@@ -24,14 +24,13 @@ SIIM has no patient ids: its 7:2:1 split and 1%/10% fractions (prepare) are by i
 import ml_collections
 
 from spcl_jax.configs.finetune import common
-
-PROTOCOLS = ("mgca", "upernet512")
+from spcl_jax.downstream import SEGMENTATION_PROTOCOLS
 
 
 def get_config(preset=None):
   preset = preset or "mgca"
-  if preset not in PROTOCOLS:
-    raise ValueError(f"config preset {preset!r}: siim's presets are {PROTOCOLS} (e.g. "
+  if preset not in SEGMENTATION_PROTOCOLS:
+    raise ValueError(f"config preset {preset!r}: siim's presets are {SEGMENTATION_PROTOCOLS} (e.g. "
                      "--config=configs/finetune/siim.py:upernet512)")
   config = common.get_config("siim", "/data/siim_acr")
   config.protocol = preset

@@ -22,6 +22,7 @@ import re
 import numpy as np
 
 from spcl_jax.data.datasets import manifest as mf
+from spcl_jax.downstream import CHEXPERT_POLICIES
 
 NAME = "chexpert"
 LABELS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity",
@@ -29,7 +30,6 @@ LABELS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opac
           "Pleural Effusion", "Pleural Other", "Fracture", "Support Devices")
 # The 5 competition labels in the paper's order: what fine-tuning predicts.
 TASK_LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
-UNCERTAINTY_POLICIES = ("ones", "zeros", "medical_mae")
 _MEDICAL_MAE_ONES = ("Atelectasis", "Edema")  # Medical MAE's U-Ones labels; the rest U-Zeros.
 IMAGE_FORMAT = "file"
 PATIENT_SPLIT = True  # gets the 7:2:1 patient split and label fractions
@@ -120,9 +120,9 @@ def targets(codes, policy: str = "ones") -> np.ndarray:
   Blank (not mentioned) -> 0. Uncertain -> 1 under "ones", 0 under "zeros", and under
   "medical_mae" 1 for Atelectasis and Edema, 0 for the rest.
   """
-  if policy not in UNCERTAINTY_POLICIES:
+  if policy not in CHEXPERT_POLICIES:
     raise ValueError(f"CheXpert uncertainty policy {policy!r} is not one of "
-                     f"{', '.join(UNCERTAINTY_POLICIES)}")
+                     f"{', '.join(CHEXPERT_POLICIES)}")
   codes = np.asarray(codes)[:, [LABELS.index(label) for label in TASK_LABELS]]
   uncertain_value = np.array([
       1.0 if policy == "ones" or (policy == "medical_mae" and label in _MEDICAL_MAE_ONES) else 0.0
