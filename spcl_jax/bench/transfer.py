@@ -153,24 +153,30 @@ def run_grid(root: pathlib.Path, prepared: pathlib.Path, pretrained: pathlib.Pat
   fractions = [int(f) for f in args.fractions.split(",")]
   variants = VARIANTS[:1] if args.quick else VARIANTS
   todo = [(i, v, f) for i in INITS for v in variants for f in fractions]
-  done = 0
+  cells = {}
+  for init, (protocol, pool, fraction) in [(i, (*v, f)) for i, v, f in todo]:
+    workdir = runs / f"{init}_{protocol}_{pool}_{fraction}"
+    if not (workdir / "results.json").is_file():
+      cells[workdir] = finetune_config(
+          prepared, "random" if init == "random" else str(pretrained), protocol, pool, fraction,
+          args.finetune_steps, args.finetune_epochs)
+  done = len(todo) - len(cells)
+
+  def report(name: str, test: dict, seconds: float) -> None:
+    nonlocal done
+    done += 1
+    print(f"[{done}/{len(todo)}] {name}: test macro AUC {test['macro_auc']:.3f} ± "
+          f"{test.get('macro_auc_std', 0.0):.3f} ({seconds:.0f} s)", flush=True)
+  if args.jobs == 1:  # in this process: no second interpreter to start
+    for workdir, config in cells.items():
+      report(workdir.name, *run_cell(root, workdir, config, args.seeds))
+    return runs
   with concurrent.futures.ProcessPoolExecutor(
       args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-    futures = {}
-    for init, (protocol, pool_name), fraction in todo:
-      workdir = runs / f"{init}_{protocol}_{pool_name}_{fraction}"
-      if (workdir / "results.json").is_file():
-        done += 1
-        continue
-      config = finetune_config(prepared, "random" if init == "random" else str(pretrained),
-                               protocol, pool_name, fraction, args.finetune_steps,
-                               args.finetune_epochs)
-      futures[pool.submit(run_cell, root, workdir, config, args.seeds)] = workdir.name
+    futures = {pool.submit(run_cell, root, workdir, config, args.seeds): workdir.name
+               for workdir, config in cells.items()}
     for future in concurrent.futures.as_completed(futures):
-      test, seconds = future.result()
-      done += 1
-      print(f"[{done}/{len(todo)}] {futures[future]}: test macro AUC {test['macro_auc']:.3f} "
-            f"± {test.get('macro_auc_std', 0.0):.3f} ({seconds:.0f} s)", flush=True)
+      report(futures[future], *future.result())
   return runs
 
 
@@ -216,7 +222,7 @@ def main(argv: list[str]) -> int:
   args = parse_args(argv)
   if args.quick:
     args.seeds, args.patients, args.pretrain_steps, args.finetune_steps = 1, 500, 4, 4
-    args.finetune_epochs, args.fractions = 3, "10"
+    args.finetune_epochs, args.fractions, args.jobs = 3, "10", 1
   root = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="spcl_transfer_")).resolve()
   root.mkdir(parents=True, exist_ok=True)
   import jax  # pylint: disable=g-import-not-at-top
