@@ -25,7 +25,9 @@ import ml_collections
 from spcl_jax.downstream import CLASSIFICATION_PROTOCOLS
 from spcl_jax.finetune.model import POOLS
 
-AUTO_POOL = "cls"  # the winner of `bench transfer` (docs/method.md, "Fine-tuning pooling")
+# docs/method.md, "Fine-tuning pooling": cls on the first experiment's numbers; `python -m
+# spcl_jax.bench transfer` measures it again (its first grid did not count).
+AUTO_POOL = "cls"
 POOL_CHOICES = ("auto", *POOLS)
 IMPORTED_KINDS = ("timm", "medical_mae", "big_vision")  # initialization.FILE_KINDS' values
 
