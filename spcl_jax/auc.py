@@ -42,7 +42,8 @@ def per_class_auc(labels: np.ndarray, scores: np.ndarray, class_names: Sequence[
 
 
 def require_both_values(labels: np.ndarray, class_names: Sequence[str], *,
-                        split: str = "the scored split") -> None:
+                        split: str = "the scored split",
+                        advice: str = "use a larger split or drop the class explicitly") -> None:
   """Raises SingleClassError naming the first class whose (M, K) labels are all 0 or all 1.
 
   A probe cannot be fitted on such a class either, so evaluators check their train split too.
@@ -57,7 +58,7 @@ def require_both_values(labels: np.ndarray, class_names: Sequence[str], *,
       value = "positive" if positives else "negative"
       raise SingleClassError(
           f"class {name!r} has only {value} labels on {split} ({len(column)} images): its AUC is "
-          "undefined; use a larger split or drop the class explicitly")
+          f"undefined; {advice}")
 
 
 def macro_auc(labels: np.ndarray, scores: np.ndarray, class_names: Sequence[str],

@@ -9,18 +9,29 @@ Separate items let export and feature extraction restore `params` alone, without
 optimizer or the input pipeline.
 
 Safety: a state with a NaN/Inf anywhere in the parameters or optimiser state is never written
-(checked on device just before the save). On restore, a checkpoint that cannot be read, or that
+(checked on device just before the save). A save that fails (a full disk) is one line naming
+the step, `SaveFailedError`; orbax's per-thread tracebacks of it are kept out of the log
+(`quiet_background_errors`). On restore, a checkpoint that cannot be read, or that
 holds a non-finite value, is named with what is wrong and moved to WORKDIR/checkpoints_corrupt/,
 and the newest intact one is used instead. orbax tmp folders left by a killed save are removed.
+
+A fine-tuning run also keeps its best-on-val parameters in WORKDIR/best/ (params and meta only,
+one step): `save_best`, `restore_best`, `drop_best_after`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import pathlib
+import re
 import shutil
 import sys
 import time
+import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import grain
@@ -38,6 +49,7 @@ ITEM_NAMES = ("params", "opt_state", "data", "meta")
 # Where unreadable checkpoints and those after a chosen --restore_step are moved (never deleted).
 CORRUPT_DIR = "checkpoints_corrupt"
 SUPERSEDED_DIR = "checkpoints_superseded"
+BEST_DIR = "best"
 TMP_MARKER = ".orbax-checkpoint-tmp"
 
 
@@ -47,6 +59,53 @@ class NonFiniteStateError(FloatingPointError):
 
 class CorruptCheckpointError(ValueError):
   """A checkpoint that cannot be restored (unreadable, incomplete, or not finite)."""
+
+
+class SaveFailedError(OSError):
+  """A checkpoint could not be written (e.g. the disk is full); the earlier ones are intact."""
+
+
+# The step of the last save each manager started: an asynchronous save fails later, in a wait.
+_saving: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+_OS_ERROR = re.compile(r"os_error_code='(\d+)'")
+
+
+def _save_failed(manager: ocp.CheckpointManager, error: BaseException) -> SaveFailedError:
+  code = _OS_ERROR.search(str(error))
+  why = os.strerror(int(code.group(1))) if code else _what_is_wrong(error)
+  step = _saving.get(manager)
+  return SaveFailedError(
+      f"saving checkpoint step {step if step is not None else '?'} in "
+      f"{str(manager.directory)!r} failed: {why}; the checkpoints before it are intact (the "
+      "next start removes the half-written folder)")
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+  """Waits for the manager's saves; a failed one is a SaveFailedError naming its step."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many kinds
+    raise _save_failed(manager, e) from None
+
+
+class _BackgroundSaveErrors(logging.Filter):
+  """orbax logs a failed background save from each of its threads, a traceback each (~190
+  lines for a full disk); `wait` raises it again in the main thread, in one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+@contextlib.contextmanager
+def quiet_background_errors() -> Iterator[None]:
+  """While a run saves: orbax's thread errors stay out of the log (`wait` names them)."""
+  quiet = _BackgroundSaveErrors()
+  logger = logging.getLogger("absl")  # orbax logs through absl.logging
+  logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    logger.removeFilter(quiet)
 
 
 @jax.jit
@@ -97,12 +156,16 @@ def save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
            else "(no checkpoint was written)")
         + ". Lower config.optim.learning_rate, set config.optim.grad_clip_norm, or use "
         "config.model.dtype=float32 to find the cause")
-  manager.save(step, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(params),
-      opt_state=ocp.args.StandardSave(opt_state),
-      data=grain.checkpoint.CheckpointSave(data_iterator),
-      meta=ocp.args.JsonSave({"step": int(step), "layout_version": LAYOUT_VERSION})),
-      force=True)
+  try:  # a failure of the previous (asynchronous) save surfaces here
+    manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        opt_state=ocp.args.StandardSave(opt_state),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+        meta=ocp.args.JsonSave({"step": int(step), "layout_version": LAYOUT_VERSION})),
+        force=True)
+  except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many kinds
+    raise _save_failed(manager, e) from None
+  _saving[manager] = int(step)
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
@@ -250,6 +313,39 @@ def remove_stale_tmp(workdir: str | pathlib.Path) -> list[pathlib.Path]:
       path.unlink(missing_ok=True)
     print(f"removed {path}, left by a save that did not finish", flush=True)
   return stale
+
+
+def make_best_manager(workdir: str | pathlib.Path) -> ocp.CheckpointManager:
+  """WORKDIR/best: the parameters of the best epoch so far (one step kept)."""
+  return make_manager(as_path(workdir) / BEST_DIR, max_to_keep=1)
+
+
+def save_best(manager: ocp.CheckpointManager, step: int, params: Any, epoch: int) -> None:
+  """Replaces the best parameters; waits, so a later kill finds them whole or not at all."""
+  for old in manager.all_steps():
+    manager.delete(old)
+  _saving[manager] = int(step)
+  manager.save(step, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params),
+      meta=ocp.args.JsonSave({"step": int(step), "epoch": int(epoch),
+                              "layout_version": LAYOUT_VERSION})), force=True)
+  wait(manager)
+
+
+def restore_best(manager: ocp.CheckpointManager, abstract_params: Any) -> tuple[Any, int]:
+  """(params, step) of the best epoch."""
+  step = manager.latest_step()
+  if step is None:
+    raise CorruptCheckpointError(f"{str(manager.directory)!r} holds no best checkpoint")
+  restored = manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(abstract_params)))
+  return restored["params"], step
+
+
+def drop_best_after(manager: ocp.CheckpointManager, step: int) -> None:
+  """A best saved after the checkpoint a run resumes from: its epoch is redone, so is it."""
+  for stale in [s for s in manager.all_steps() if s > step]:
+    manager.delete(stale)
 
 
 def available_steps(workdir: str | pathlib.Path) -> list[int]:

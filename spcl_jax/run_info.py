@@ -6,14 +6,16 @@ the report reads), so export, extraction and the report need nothing but the wor
 
 history.jsonl gets one line per start: time, host, PID, the step it starts from, the full
 config, and the fields that changed since the previous start (with the overrides that allowed
-them). A resume may change only the FREE fields below; a LOCKED field (one that changes what is
-being trained) needs an explicit `--allow_config_change=FIELD`, which is recorded. A changed model
+them). A resume may change only its workload's free fields (`ResumeRules`: PRETRAINING's FREE
+below, FINETUNING's); a locked field (one that changes what is being trained) needs an explicit
+`--allow_config_change=FIELD`, which is recorded. A changed model
 shape, image size, preprocessing or normalisation is refused always: the checkpoint would not
 load, or config.json would describe the exports wrongly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -49,6 +51,29 @@ FREE_WITH_WARNING = {"total_steps": "the learning-rate schedule (warmup, cosine 
                                     "computed from total_steps, so it changes from here on"}
 
 
+# Fine-tuning: what a resume may change without changing what is trained or scored. Everything
+# else (epochs, the lr schedule, the init, the splits, bootstrap_samples...) is locked.
+FINETUNE_FREE = ("log_every_steps", "checkpoint_every_steps", "max_checkpoints_to_keep",
+                 "model.remat", "model.attention_impl", "model.attention_seq_multiple",
+                 "data.num_workers", "data.read_threads", "data.prefetch_buffer_size",
+                 "sharding.", "peak_flops_per_device")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumeRules:
+  """The config fields a workload's resume may change freely, and warnings for some of them."""
+
+  free: tuple[str, ...]
+  free_with_warning: dict[str, str] = dataclasses.field(default_factory=dict)
+
+  def is_free(self, field: str) -> bool:
+    return any(_matches(field, entry) for entry in self.free)
+
+
+PRETRAINING = ResumeRules(FREE, FREE_WITH_WARNING)
+FINETUNING = ResumeRules(FINETUNE_FREE)
+
+
 class LockedFieldChangedError(ConfigError):
   """A resume changes a field that decides what is trained, without an explicit override."""
 
@@ -58,8 +83,9 @@ def _matches(field: str, entry: str) -> bool:
 
 
 def is_free(field: str) -> bool:
-  """FREE wins over LOCKED for the exceptions inside a locked section (model.remat)."""
-  return any(_matches(field, entry) for entry in FREE)
+  """Pre-training's rule: FREE wins over LOCKED for the exceptions inside a locked section
+  (model.remat)."""
+  return PRETRAINING.is_free(field)
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -107,13 +133,15 @@ def read_run_info(workdir: str | pathlib.Path) -> dict[str, Any]:
   return info
 
 
-def write_run_info(workdir: str | pathlib.Path, config: ml_collections.ConfigDict) -> None:
+def write_run_info(workdir: str | pathlib.Path, config: ml_collections.ConfigDict,
+                   extra: dict[str, Any] | None = None) -> None:
   """Writes config.json at the first start; on a resume checks it describes the same model.
 
-  An existing config.json is never rewritten: it stays the original (history.jsonl has the rest).
+  `extra`: what a workload adds (a fine-tuning run's classifier or segmenter). An existing
+  config.json is never rewritten: it stays the original (history.jsonl has the rest).
   """
   path = as_path(workdir) / FILENAME
-  new = describe_run(config)
+  new = {**describe_run(config), **(extra or {})}
   if path.is_file():
     old = read_run_info(workdir)
     for key in ("model", "preprocessing", "normalization"):
@@ -151,7 +179,8 @@ def _previous_config(workdir: pathlib.Path) -> dict[str, Any] | None:
 
 
 def check_resume(workdir: str | pathlib.Path, config: ml_collections.ConfigDict,
-                 allowed: Sequence[str] = ()) -> list[dict[str, Any]]:
+                 allowed: Sequence[str] = (), rules: ResumeRules = PRETRAINING
+                 ) -> list[dict[str, Any]]:
   """The fields changed since the previous start; raises for a locked one not in `allowed`.
 
   Changes nothing on disk (it runs before the workdir is written). Also checks config.json
@@ -180,7 +209,7 @@ def check_resume(workdir: str | pathlib.Path, config: ml_collections.ConfigDict,
     if old.get(field) == new.get(field):
       continue
     change = {"field": field, "old": old.get(field), "new": new.get(field)}
-    if not is_free(field):
+    if not rules.is_free(field):
       if not any(_matches(field, entry) for entry in allowed):
         raise LockedFieldChangedError(
             f"config.{field}={new.get(field)!r}: this workdir's run has {old.get(field)!r}, and "
@@ -194,12 +223,13 @@ def check_resume(workdir: str | pathlib.Path, config: ml_collections.ConfigDict,
 
 def record_start(workdir: str | pathlib.Path, config: ml_collections.ConfigDict,
                  start_step: int, changes: Sequence[dict[str, Any]],
-                 restored_from: int | None) -> None:
+                 restored_from: int | None, *, rules: ResumeRules = PRETRAINING,
+                 extra_info: dict[str, Any] | None = None) -> None:
   """Writes config.json at the first start and appends this start to history.jsonl."""
   workdir = as_path(workdir)
-  write_run_info(workdir, config)
+  write_run_info(workdir, config, extra_info)
   for change in changes:
-    note = FREE_WITH_WARNING.get(change["field"])
+    note = rules.free_with_warning.get(change["field"])
     if note:
       print(f"WARNING: config.{change['field']} changed from {change['old']} to "
             f"{change['new']} on resume: {note}", flush=True)

@@ -171,3 +171,14 @@ def finetune_config(task: str, prepared: pathlib.Path, preset: str | None = None
       target = target[parent]
     target[leaf] = value
   return config
+
+
+def cli_args(task: str, prepared: pathlib.Path, **overrides) -> list[str]:
+  """finetune_config(task, prepared, **overrides) as the fine-tuning CLI's flags."""
+  assert task != "siim", "segmentation's decoder fields are not listed here"
+  fields = {"data.prepared": str(prepared), "model.variant": "pico/16", "model.image_size": SIZE,
+            "model.dtype": "float32", "batch_size": 8, "epochs": 2, "optim.warmup_epochs": 1,
+            "optim.learning_rate": 1e-3, "data.num_workers": 0, "log_every_steps": 1,
+            "bootstrap_samples": 10, **overrides}
+  config_file = pathlib.Path(__file__).resolve().parents[1] / f"spcl_jax/configs/finetune/{task}.py"
+  return [f"--config={config_file}", *(f"--config.{k}={v}" for k, v in fields.items())]

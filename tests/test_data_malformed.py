@@ -101,6 +101,14 @@ def _append(row):
   return lambda rows: [*rows, row]
 
 
+def _latin1_byte(rel, old, new):
+  """Rewrites `old` as `new` encoded in Latin-1: bytes that are not UTF-8 in a UTF-8 file."""
+  def edit(root):
+    path = root / rel
+    path.write_bytes(path.read_bytes().replace(old.encode(), new.encode("latin-1")))
+  return edit
+
+
 def _copy_file(rel, to, content=None):
   def edit(root):
     (root / to).parent.mkdir(parents=True, exist_ok=True)
@@ -152,6 +160,10 @@ MALFORMED = [
      _copy_file("images_001/images/00000001_000.png", "images_002/images/00000001_000.png"),
      {"duplicate_file": [("00000001_000.png", r"identical copies .*: "
                           r"'images_001/images/00000001_000.png' used$")]}, set()),
+    ("nih non-UTF-8 byte in a row", "nih_chestxray14", None,
+     _latin1_byte(NIH_CSV, "00000003_000.png,Hernia", "00000003_000.png,Hernia\xe9"),
+     {"bad_row": [("00000003_000.png", rf"^{NIH_4}: byte 0xe9 at column 24 is not UTF-8; "
+                   "image excluded$")]}, {"00000003_000.png"}),
     ("chexpert row cut after Cardiomegaly", "chexpert",
      _replace(2, ",".join(CHEX_ROWS[2].split(",")[:8])), None,
      {"bad_row": [("train/patient00003/study1/view1_frontal.jpg",

@@ -130,7 +130,7 @@ def test_chexpert_defaults_to_the_official_split():
 
 
 def test_linear_is_a_classification_protocol_with_its_own_name_in_results():
-  from spcl_jax.finetune import tasks
-  assert tasks.task_for(shipped("nih14", protocol="linear")).protocol == "linear"
-  assert tasks.task_for(shipped("nih14")).protocol == "classification"
+  from spcl_jax.finetune import workloads
+  assert workloads.workload_for(shipped("nih14", protocol="linear")).protocol == "linear"
+  assert workloads.workload_for(shipped("nih14")).protocol == "classification"
   assert recipe.is_classification("linear") and not recipe.is_classification("mgca")

@@ -3,17 +3,35 @@
 A run selects its checkpoint on val, scores test only after training (once with the best-on-val
 parameters, once with the last), writes results.json in the agreed schema, and a run stopped
 mid-way resumes to the same per-step losses as an uninterrupted one.
+
+Fine-tuning has every protection of pre-training (one engine, `spcl_jax.engine`), each tested
+by doing the fault on the ChestX-ray14 run (2 epochs of 4 steps): a run killed at a named moment
+(mid-epoch, mid-val, before best/ is saved, mid-test) and rerun ends with the results.json and
+selection.json of the uninterrupted run, each metrics row once; a second run on a workdir in use
+refuses naming the holder; a truncated latest checkpoint is moved aside and the previous one
+used, to the same results, as with --restore_step; a resume may change only the free fields (or
+those it names), and a finished workdir rerun with another lr is a config error (exit 2); a bad
+start (an init of another size, a fine-tuning workdir as init) writes nothing. The "kill" is an
+exception raised at the named moment (`engine.moment_listeners`): no handler of the run catches
+it, and the resume starts from what is on disk, as after kill -9.
 """
 
 import contextlib
 import io
 import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import finetune_fixtures as ff
-from spcl_jax import checkpoint
+from export_fixtures import make_workdir
+from run_safety_fixtures import read_metrics, truncate_params
+from spcl_jax import checkpoint, cli_errors, engine, run_info, workdir_lock
 from spcl_jax.finetune import results, trainer
 from spcl_jax.preemption import StopRequest
 
@@ -23,6 +41,10 @@ TOP_LEVEL_KEYS = {"format", "task", "protocol", "label_fraction", "split_scheme"
                   "accelerator_seconds", "device_kind", "num_devices", "pool",
                   "train_positives"}
 TEST_KEYS = {"epoch", "step", "macro_auc", "per_class", "ci95", "ci95_unit", "num_images"}
+# What differs between two correct runs of the same config (the commit: when the checkout
+# changes between the two, as it may while the suite runs).
+RUN_DEPENDENT = ("accelerator_seconds", "git_commit")
+THROUGHPUT = {"images_per_sec", "tflops_per_sec", "mfu"}
 
 
 # Runs here rebuild identical steps: XLA's persistent cache compiles each program once.
@@ -115,7 +137,7 @@ class _StopAtStep3(StopRequest):
 def test_stopped_run_resumes_with_the_same_per_step_losses(nih_run, tmp_path):
   config, reference_dir, reference, _ = nih_run
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(trainer, "StopRequest", _StopAtStep3)
+    patch.setattr(engine, "StopRequest", _StopAtStep3)
     stopped, predicted = run(config, tmp_path)
   assert stopped == {"stopped_at_step": 3} and predicted == []
   assert checkpoint.available_steps(tmp_path) == [3]
@@ -202,8 +224,53 @@ def test_user_split_files_are_read_and_a_single_valued_val_class_is_an_error(pre
                               **{"optim.warmup_epochs": 0})
   for name in lists:
     config.split_files[name] = str(tmp_path / f"{name}.txt")
-  with pytest.raises(SingleClassError, match="class 'Atelectasis' has only .* val split"):
+  # At the start, before anything is written, pointing at the option that drops a class.
+  with pytest.raises(SingleClassError, match="class 'Atelectasis' has only .* val split.*"
+                     "config.classes"):
     run(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
+def test_config_classes_keeps_the_named_classes_in_every_split(prepared):
+  from spcl_jax.finetune import data
+  config = ff.finetune_config("nih14", prepared["nih14"], classes="Edema, Atelectasis")
+  sources = data.split_sources(config)
+  full = data.split_sources(ff.finetune_config("nih14", prepared["nih14"]))
+  for split, source in sources.items():
+    assert source.label_names == ["Edema", "Atelectasis"]
+    edema, atelectasis = (full[split].label_names.index(c) for c in ("Edema", "Atelectasis"))
+    np.testing.assert_array_equal(source.targets, full[split].targets[:, [edema, atelectasis]])
+    assert source[0]["label"].tolist() == source.targets[0].tolist()
+  config.classes = "Edema,Oedema"
+  with pytest.raises(ValueError, match="config.classes=.*'Oedema' is not a class"):
+    data.split_sources(config)
+
+
+def test_records_are_opened_in_the_main_thread_before_any_pipeline_thread_reads(prepared):
+  """Several data-loading threads importing TFDS at once deadlocked a start: the sources open
+  their records when made, in the caller's thread; the pipeline's threads only read."""
+  import threading
+  from spcl_jax.data.prepared import PreparedFolder
+  from spcl_jax.finetune import data
+  events = []
+  opening, reading = PreparedFolder._open_records, PreparedFolder.record  # pylint: disable=protected-access
+
+  def recorded(kind, method):
+    def wrapper(self, *args):
+      events.append((kind, threading.current_thread() is threading.main_thread()))
+      return method(self, *args)
+    return wrapper
+  config = ff.finetune_config("nih14", prepared["nih14"], **{"data.read_threads": 4})
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(PreparedFolder, "_open_records", recorded("open", opening))
+    patch.setattr(PreparedFolder, "record", recorded("read", reading))
+    sources = data.split_sources(config)
+    next(iter(data.train_dataset(config, sources["train"])))
+  opens = [i for i, (kind, _) in enumerate(events) if kind == "open"]
+  reads = [i for i, (kind, _) in enumerate(events) if kind == "read"]
+  assert len(opens) == 3 and all(events[i][1] for i in opens)  # one per split, main thread
+  assert reads and max(opens) < min(reads)
+  assert not all(events[i][1] for i in reads)  # the pipeline did read in its own threads
 
 
 def test_official_scheme_reads_the_official_split_files(prepared):
@@ -230,3 +297,156 @@ def test_selection_keeps_the_best_val_epoch_and_the_first_of_equal_ones(tmp_path
   assert Selection(tmp_path / "selection.json").best_epoch == 2  # read back after a restart
   selection.keep_until(1)
   assert selection.best_epoch == 1
+
+
+# --- the engine's protections, by doing the fault ------------------------------------------
+
+class Killed(BaseException):
+  """Stands for kill -9 at a named moment: no Exception handler of the run catches it."""
+
+
+@pytest.fixture(scope="module")
+def reference(nih_run):
+  """The uninterrupted run: (config, workdir, results)."""
+  config, workdir, outcome, _ = nih_run
+  return config, workdir, outcome
+
+
+def comparable(workdir):
+  results = json.loads((workdir / trainer.RESULTS_FILE).read_text())
+  for key in RUN_DEPENDENT:
+    results.pop(key)
+  return results, json.loads((workdir / trainer.SELECTION_FILE).read_text())
+
+
+def row_kinds(workdir):
+  """(step, kind) per metrics row; throughput is absent from the first row a start logs."""
+  return [(r["step"], ",".join(sorted(set(r) - THROUGHPUT))) for r in read_metrics(workdir)]
+
+
+def copy_of(workdir, tmp_path):
+  shutil.copytree(workdir, tmp_path / "run")
+  return tmp_path / "run"
+
+
+def run_killed_at(config, workdir, moment: str, at_step: int) -> None:
+  def listener(name, step):
+    if (name, step) == (moment, at_step):
+      raise Killed(f"{moment} at step {step}")
+  engine.moment_listeners.append(listener)
+  try:
+    with pytest.raises(Killed):
+      trainer.train_and_evaluate(config, str(workdir))
+  finally:
+    engine.moment_listeners.remove(listener)
+
+
+@pytest.mark.parametrize("moment,at_step", [("train_step", 6), ("val", 8), ("best_save", None),
+                                            ("test", 8)])
+def test_a_run_killed_at_a_named_moment_resumes_to_the_same_results(reference, tmp_path,
+                                                                    moment, at_step):
+  config, reference_dir, results = reference
+  if at_step is None:  # the epoch whose parameters the uninterrupted run kept in best/
+    at_step = results["val_best"]["step"]
+  run_killed_at(config, tmp_path, moment, at_step)
+  assert not (tmp_path / trainer.RESULTS_FILE).exists()
+  trainer.train_and_evaluate(config, str(tmp_path))
+  assert comparable(tmp_path) == comparable(reference_dir)
+  rows = row_kinds(tmp_path)
+  assert len(rows) == len(set(rows)) and sorted(rows) == sorted(row_kinds(reference_dir))
+  assert checkpoint.available_steps(tmp_path / checkpoint.BEST_DIR) == [
+      results["val_best"]["step"]]
+
+
+def test_a_second_run_on_a_workdir_in_use_refuses_naming_the_holder(reference, tmp_path):
+  config = reference[0]
+  holder = workdir_lock.WorkdirLock(tmp_path)
+  holder.acquire()
+  try:
+    with pytest.raises(workdir_lock.WorkdirLockedError) as error:
+      trainer.train_and_evaluate(config, str(tmp_path))
+  finally:
+    holder.release()
+  line = cli_errors.one_line(error.value)
+  assert f"in use by PID {os.getpid()}" in line and "\n" not in line
+  assert [p.name for p in tmp_path.iterdir()] == [workdir_lock.FILENAME]
+
+
+@pytest.mark.parametrize("fault", ["truncated latest checkpoint", "--restore_step=4"])
+def test_a_run_resumed_from_an_earlier_checkpoint_ends_the_same(reference, tmp_path, capsys,
+                                                                fault):
+  config, reference_dir, _ = reference
+  workdir = copy_of(reference_dir, tmp_path)
+  (workdir / trainer.RESULTS_FILE).unlink()
+  if fault == "truncated latest checkpoint":
+    truncate_params(checkpoint.checkpoint_dir(workdir) / "8")
+    trainer.train_and_evaluate(config, str(workdir))
+    assert "falling back to step 4" in capsys.readouterr().err
+    moved_to = checkpoint.CORRUPT_DIR
+  else:
+    trainer.train_and_evaluate(config, str(workdir), restore_step=4)
+    moved_to = checkpoint.SUPERSEDED_DIR
+  assert [p.name.split("-")[0] for p in (workdir / moved_to).iterdir()] == ["8"]
+  assert comparable(workdir) == comparable(reference_dir)
+
+
+def test_a_resume_changes_only_free_or_named_fields(reference, tmp_path, capsys):
+  config, reference_dir, results = reference
+  workdir = copy_of(reference_dir, tmp_path)
+  starts = len(run_info.read_history(workdir))
+  other_lr = config.copy_and_resolve_references()
+  other_lr.optim.learning_rate = 3e-3
+  with pytest.raises(run_info.LockedFieldChangedError) as error:
+    trainer.train_and_evaluate(other_lr, str(workdir))
+  assert "optim.learning_rate" in str(error.value)
+  assert cli_errors.exit_code_for(error.value) == 2  # the CLI's exit code
+  assert len(run_info.read_history(workdir)) == starts  # nothing recorded
+  free = config.copy_and_resolve_references()
+  free.log_every_steps = 2
+  assert trainer.train_and_evaluate(free, str(workdir)) == results
+  assert "nothing to do" in capsys.readouterr().out
+  trainer.train_and_evaluate(other_lr, str(workdir),
+                             allow_config_changes=["optim.learning_rate"])
+  changes = [entry["changes"] for entry in run_info.read_history(workdir)][starts:]
+  assert changes[0] == [{"field": "log_every_steps", "old": 1, "new": 2}]
+  assert {"field": "optim.learning_rate", "old": 1e-3, "new": 3e-3,
+          "overridden": True} in changes[1]
+
+
+def test_a_bad_init_is_refused_before_anything_is_written(reference, tmp_path):
+  config = reference[0].copy_and_resolve_references()
+  config.init = str(reference[1])
+  with pytest.raises(ValueError, match="is a fine-tuning workdir"):
+    trainer.train_and_evaluate(config, str(tmp_path / "a"))
+  config.init = str(make_workdir(tmp_path / "pico8", "pico/8", 32)[0])  # another patch size
+  with pytest.raises(ValueError, match="parameter .* has shape"):
+    trainer.train_and_evaluate(config, str(tmp_path / "b"))
+  assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_of_four_devices_fine_tune_like_one_process_of_eight(nih_run, tmp_path):
+  """launch/local_multiprocess.sh with the fine-tuning CLI: per-process data blocks, gathered
+  eval outputs, process 0 alone writing; the same losses, val scores per epoch and results."""
+  config, reference_dir, _, _ = nih_run
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = {**os.environ, "PORT": str(24000 + os.getpid() % 1000), "DEVICES_PER_PROCESS": "4",
+         "MODULE": "spcl_jax.finetune", "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",
+         "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"}
+  multi = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", f"--workdir={tmp_path}",
+                          *ff.cli_args("nih14", config.data.prepared)],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=600)
+  assert multi.returncode == 0, multi.stderr[-3000:]
+  got, want = losses(tmp_path), losses(reference_dir)
+  assert sorted(got) == sorted(want) == list(range(1, 9))
+  np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
+                             rtol=1e-5)
+  multi_results, multi_selection = comparable(tmp_path)
+  results, selection = comparable(reference_dir)
+  for epoch in ("1", "2"):
+    assert multi_selection["history"][epoch]["macro_auc"] == pytest.approx(
+        selection["history"][epoch]["macro_auc"], abs=1e-6)
+  for key in ("val_best", "test_at_best_val", "test_at_last_epoch"):
+    assert multi_results[key]["epoch"] == results[key]["epoch"]
+    assert multi_results[key]["macro_auc"] == pytest.approx(results[key]["macro_auc"], abs=1e-6)
+  assert multi_results["config"] == results["config"]

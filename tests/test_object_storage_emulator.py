@@ -45,7 +45,7 @@ from gcp_storage_emulator.exceptions import NotFound  # noqa: E402
 from gcp_storage_emulator.handlers import objects as emulator_objects  # noqa: E402
 
 import finetune_fixtures as ff  # noqa: E402
-from spcl_jax import checkpoint, train  # noqa: E402
+from spcl_jax import checkpoint, engine, train  # noqa: E402
 from spcl_jax.export import export_checkpoint  # noqa: E402
 from spcl_jax.finetune import trainer as finetune_trainer  # noqa: E402
 from spcl_jax.preemption import StopRequest  # noqa: E402
@@ -210,7 +210,7 @@ def test_demo_trains_is_preempted_resumes_and_exports_through_the_emulator(
   train.train_and_evaluate(quick_config(), full)
   capsys.readouterr()
 
-  monkeypatch.setattr(train, "StopRequest", _SigtermAtStep3)
+  monkeypatch.setattr(engine, "StopRequest", _SigtermAtStep3)
   train.train_and_evaluate(quick_config(), run)
   out = capsys.readouterr().out
   assert "received signal 15: saving a checkpoint and stopping" in out
@@ -225,7 +225,7 @@ def test_demo_trains_is_preempted_resumes_and_exports_through_the_emulator(
   # As if the stopped run had then been killed holding the lease: the next start takes it over.
   epath.Path(run, "lock.json").write_text(json.dumps(
       {"host": "worker-0", "pid": 4321, "started": "then", "lease_until": time.time() - 1}))
-  monkeypatch.setattr(train, "StopRequest", StopRequest)
+  monkeypatch.setattr(engine, "StopRequest", StopRequest)
   train.train_and_evaluate(quick_config(), run)
   out = capsys.readouterr().out
   assert "taking over the workdir lock of a run that is gone (PID 4321" in out

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 import flax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import finetune_fixtures as ff
 from export_fixtures import make_config, random_encoder_params
 from run_safety_fixtures import DEMO, ROOT, assert_one_error_line, truncate_params
 from spcl_jax import checkpoint, run_info
@@ -144,13 +146,23 @@ def test_exported_files_get_the_umask_mode(exportable, tmp_path, capsys):
 
 # --- signals and kill -9 (subprocesses) ------------------------------------------------------
 
-def start_trainer(workdir: pathlib.Path, *extra: str) -> subprocess.Popen:
+def start_trainer(workdir: pathlib.Path, *extra: str, **popen: Any) -> subprocess.Popen:
   return subprocess.Popen(
       [sys.executable, "-m", "spcl_jax.main", f"--config={DEMO}", f"--workdir={workdir}",
        "--config.model.image_size=64", "--config.total_steps=100000",
        "--config.log_every_steps=1", *extra],
       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+      env={**os.environ, "JAX_PLATFORMS": "cpu"}, **popen)
+
+
+def start_finetuning(workdir: pathlib.Path, prepared: pathlib.Path, *extra: str,
+                     **popen: Any) -> subprocess.Popen:
+  """finetune_fixtures.finetune_config's run through the CLI, many epochs long."""
+  return subprocess.Popen(
+      [sys.executable, "-m", "spcl_jax.finetune", f"--workdir={workdir}",
+       *ff.cli_args("nih14", prepared, epochs=1000), *extra],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"}, **popen)
 
 
 def wait_for_train_rows(proc: subprocess.Popen, workdir: pathlib.Path, rows: int) -> None:
@@ -226,3 +238,27 @@ def test_kill_9_leaves_no_worker_behind(tmp_path):
   while time.time() < deadline and any(alive(pid) for pid in workers):
     time.sleep(0.2)
   assert not [pid for pid in workers if alive(pid)], "orphaned worker processes"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", ["pretraining", "finetuning"])
+def test_sigterm_to_the_process_group_checkpoints_and_stops(tmp_path, trainer):
+  """What scancel and most preemptions do: SIGTERM to the trainer and its grain workers."""
+  workdir = tmp_path / "run"
+  if trainer == "pretraining":
+    proc = start_trainer(workdir, "--config.data.num_workers=1",
+                         "--config.checkpoint_every_steps=1000", start_new_session=True)
+  else:
+    prepared = ff.prepared_nih(tmp_path / "nih")
+    proc = start_finetuning(workdir, prepared, "--config.data.num_workers=1",
+                            start_new_session=True)
+  wait_for_train_rows(proc, workdir, 3)
+  workers = descendants(proc.pid)
+  assert workers, "grain started no worker process"
+  os.killpg(proc.pid, signal.SIGTERM)
+  stdout, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stderr[-3000:]
+  assert "terminated unexpectedly" not in stderr
+  step = checkpoint.available_steps(workdir)[-1]  # fine-tuning also saved at epoch ends
+  assert f"stopped at step {step}; checkpoint saved" in stdout
+  assert not [pid for pid in workers if alive(pid)]

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import finetune_fixtures as ff
-from spcl_jax import checkpoint
+from spcl_jax import checkpoint, engine
 from spcl_jax.configs.finetune import siim as siim_config
-from spcl_jax.finetune import data, decoders, dice, optimizer, tasks, trainer
+from spcl_jax.finetune import data, decoders, dice, optimizer, trainer, workloads
 from spcl_jax.models.vit import build_encoder, patchify
 from spcl_jax.preemption import StopRequest
 from spcl_jax.report import __main__ as report_cli
@@ -94,7 +94,7 @@ def test_segmentation_loss_is_bce_plus_batch_soft_dice():
   p = 1 / (1 + np.exp(-logits.astype(np.float64)))
   bce = -np.mean(masks * np.log(p) + (1 - masks) * np.log(1 - p))
   soft = 1 - (2 * (p * masks).sum() + 1) / (p.sum() + masks.sum() + 1)
-  task = tasks.Segmentation("mgca", bce_weight=0.3, dice_weight=2.0)
+  task = workloads.Segmentation("mgca", bce_weight=0.3, dice_weight=2.0)
   assert float(task.loss(jnp.asarray(logits), jnp.asarray(masks))) == pytest.approx(
       0.3 * bce + 2.0 * soft, rel=1e-5)
 
@@ -271,7 +271,7 @@ class _StopAtStep3(StopRequest):
 def test_stopped_segmentation_run_resumes_with_the_same_losses(mgca_run, tmp_path):
   config, reference_dir, reference = mgca_run
   with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()):
-    patch.setattr(trainer, "StopRequest", _StopAtStep3)
+    patch.setattr(engine, "StopRequest", _StopAtStep3)
     assert trainer.train_and_evaluate(config, str(tmp_path)) == {"stopped_at_step": 3}
   assert checkpoint.available_steps(tmp_path) == [3]
   with contextlib.redirect_stdout(io.StringIO()):
@@ -332,7 +332,7 @@ def test_selection_is_on_the_tasks_metric(tmp_path):
 def test_a_split_without_positives_is_an_error_naming_it():
   counts = np.array([[0, 0, 0], [0, 0, 3]])
   with pytest.raises(ValueError, match="the val split has no image with a pneumothorax"):
-    tasks.Segmentation("mgca").score(None, counts, ["Pneumothorax"], "the val split")
+    workloads.Segmentation("mgca").score(None, counts, ["Pneumothorax"], "the val split")
 
 
 @pytest.mark.slow

@@ -84,7 +84,7 @@ def _with_workers(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
-                        worker_init_fn=worker_lifetime.exit_with_parent)
+                        worker_init_fn=worker_lifetime.worker_init_fn())
 
 
 def shuffle_seed(config: ml_collections.ConfigDict) -> int:

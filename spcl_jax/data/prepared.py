@@ -17,7 +17,10 @@ Fine-tuning: `LabelledSource(OUT_DIR, split="train", fraction=10, policy="ones")
   "test": PATH}`: a user's own lists (see `read_split_lists`). `.split_info` names the file and
   its sha256 for results files.
 Both are grain random-access sources: index -> record, the same order in every process (record
-order, which is the manifest order), picklable for grain's worker processes.
+order, which is the manifest order), picklable for grain's worker processes. A source opens its
+records (importing TFDS) when it is made, in the caller's thread, before any pipeline thread
+reads: several data-loading threads importing tensorflow_datasets at once can deadlock. A worker
+process that unpickles a source opens them again, one thread at a time (`_OPEN_LOCK`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import io
 import json
 import logging
 import pathlib
+import threading
 from typing import Any
 
 import numpy as np
@@ -41,6 +45,7 @@ from spcl_jax.workdir_path import require_local
 _OPTIONS = {"split": "all", "views": "frontal", "fraction": "100"}
 _FRACTION_FILES = {str(percent): stem for percent, stem in FRACTION_SPLIT_FILES.items()}
 USER_SPLITS = splits_lib.SPLIT_NAMES  # The keys config.split_files may have.
+_OPEN_LOCK = threading.Lock()  # One thread at a time imports TFDS and opens a folder's records.
 
 
 def parse_argument(argument: str) -> tuple[str, dict[str, str]]:
@@ -121,18 +126,26 @@ class PreparedFolder:
 
   @property
   def data_source(self):
-    if self._data_source is None:
-      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-      builder = tfds.builder_from_directory(str(self.tfds_dir()))
-      if len(self.names) != builder.info.splits[records.SPLIT].num_examples:
-        raise ValueError(f"{str(self.out_dir)!r}: records.csv lists {len(self.names)} images but "
-                         f"the records hold {builder.info.splits[records.SPLIT].num_examples}")
-      # The pipeline's workers decode; here we only hand over the encoded bytes.
-      skip = {"image": tfds.decode.SkipDecoding()}
-      if "mask" in builder.info.features:
-        skip["mask"] = tfds.decode.SkipDecoding()
-      self._data_source = builder.as_data_source(split=records.SPLIT, decoders=skip)
+    return self._data_source if self._data_source is not None else self.open()
+
+  def open(self):
+    """The TFDS data source of the records, opened once (also when threads ask at once)."""
+    with _OPEN_LOCK:
+      if self._data_source is None:
+        self._data_source = self._open_records()
     return self._data_source
+
+  def _open_records(self):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    builder = tfds.builder_from_directory(str(self.tfds_dir()))
+    if len(self.names) != builder.info.splits[records.SPLIT].num_examples:
+      raise ValueError(f"{str(self.out_dir)!r}: records.csv lists {len(self.names)} images but "
+                       f"the records hold {builder.info.splits[records.SPLIT].num_examples}")
+    # The pipeline's workers decode; here we only hand over the encoded bytes.
+    skip = {"image": tfds.decode.SkipDecoding()}
+    if "mask" in builder.info.features:
+      skip["mask"] = tfds.decode.SkipDecoding()
+    return builder.as_data_source(split=records.SPLIT, decoders=skip)
 
   def __getstate__(self):
     return {**self.__dict__, "_data_source": None}
@@ -198,6 +211,7 @@ class PreparedSource:
     self.folder = folder or PreparedFolder(out_dir)
     self.split, self.views, self.fraction = split, views, str(fraction)
     self.indices = self.folder.select(split, views, self.fraction) if indices is None else indices
+    self.folder.open()  # here, in the caller's thread, before any pipeline thread reads
 
   def __len__(self) -> int:
     return len(self.indices)

@@ -31,6 +31,8 @@ def validate_finetune_config(config: ml_collections.ConfigDict, *, num_batch_sha
     # Scoring compares the replicated predictions with this process's block of masks only.
     _require(process_count == 1, f"config.task='siim': segmentation runs on one process, not "
              f"{process_count} (its Dice reads this process's masks only)")
+    _require(not config.get("classes", ""),
+             f"config.classes={config.get('classes')!r}: segmentation has one class; leave it ''")
     _require(config.split_scheme != "official",
              "config.split_scheme='official': SIIM has no official labelled test set; use 'paper'")
     for field in ("bce_weight", "dice_weight"):

@@ -1,8 +1,9 @@
 """Labelled splits and their grain pipelines for fine-tuning.
 
-  train  source -> shuffle per epoch (seeded) -> repeat -> this process's block of each global
-         batch -> decode + random augmentation (per-example rng from (seed, position)) -> batch
-         -> grain workers -> {"image": uint8 (b, S, S), "label": float32 (b, K)}
+  train  source -> shuffle per epoch (seeded) -> repeat -> decode + random augmentation
+         (per-example rng from (seed, global stream position), lazily) -> this process's block
+         of each global batch -> batch -> grain workers -> {"image": uint8 (b, S, S), "label":
+         float32 (b, K)}
   eval   every image of the split exactly once, in record order, padded with copies of the last
          image up to whole global batches; "valid" marks the real ones, whose logits are kept.
 
@@ -55,9 +56,27 @@ def split_sources(config: ml_collections.ConfigDict) -> dict[str, LabelledSource
   train = LabelledSource(out_dir, "train", str(config.label_fraction), **common)
   if config.data.get("balance_train", False):
     train = balanced(train, config.seed)
-  return {"train": train,
-          "val": LabelledSource(out_dir, "val", "100", **common),
-          "test": LabelledSource(out_dir, "test", "100", **common)}
+  sources = {"train": train,
+             "val": LabelledSource(out_dir, "val", "100", **common),
+             "test": LabelledSource(out_dir, "test", "100", **common)}
+  if config.get("classes", ""):
+    for source in sources.values():
+      keep_classes(source, config.classes)
+  return sources
+
+
+def keep_classes(source: LabelledSource, classes: str) -> LabelledSource:
+  """Narrows `source` to the comma-separated `classes` (config.classes), in the given order."""
+  names = [name.strip() for name in classes.split(",") if name.strip()]
+  unknown = [name for name in names if name not in source.label_names]
+  if unknown or len(set(names)) != len(names):
+    raise ValueError(f"config.classes={classes!r}: "
+                     + (f"{unknown[0]!r} is not a class of this task (its classes: "
+                        f"{', '.join(source.label_names)})" if unknown else "a class is repeated"))
+  columns = [list(source.label_names).index(name) for name in names]
+  source.targets = source.targets[:, columns]
+  source.label_names = names
+  return source
 
 
 def balanced(source: LabelledSource, seed: int) -> LabelledSource:
@@ -157,9 +176,11 @@ def train_dataset(config: ml_collections.ConfigDict, source: LabelledSource, *,
                   process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
   b = pipeline.local_batch_size(config.batch_size, process_count)
   ds = grain.MapDataset.source(source).shuffle(seed=pipeline.shuffle_seed(config)).repeat()
-  ds = pipeline.ProcessBlockDataset(ds, config.batch_size, b, process_index)
+  # The augmentation's rng is keyed by the position in the global stream (before this
+  # process's block is taken), so an image is augmented alike whatever the process count.
   ds = ds.random_map(TrainTransform(config, stored_image_size(source)),
                      seed=pipeline.shuffle_seed(config) + 1)
+  ds = pipeline.ProcessBlockDataset(ds, config.batch_size, b, process_index)
   ds = ds.batch(b, drop_remainder=True)
   return pipeline._with_workers(ds.to_iter_dataset(pipeline._read_options(config)),  # pylint: disable=protected-access
                                 config.data.num_workers)

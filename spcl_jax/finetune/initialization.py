@@ -14,6 +14,7 @@ it too, `fc_norm=True`); with 'cls' it is kept.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import flax
@@ -21,6 +22,7 @@ import numpy as np
 
 from spcl_jax.workdir_path import as_path, is_url
 
+FINETUNED_KINDS = ("classifier", "segmenter")  # config.json keys a fine-tuning run adds
 FILE_KINDS = {".safetensors": "timm", ".pth": "medical_mae", ".pt": "medical_mae",
               ".npz": "big_vision"}
 
@@ -43,6 +45,7 @@ def load_init(init: str, init_step: int = -1, image_size: int | None = None) -> 
     return Init("random", None, None, None, None)
   path = as_path(init)  # absolute; a gs:// pre-training workdir stays a URL
   if path.is_dir():
+    _refuse_finetuning_workdir(init, path)
     from spcl_jax.pretrained import load_pretrained  # pylint: disable=g-import-not-at-top
     pretrained = load_pretrained(path, None if init_step < 0 else init_step)
     return Init("spcl", str(path), pretrained.step, pretrained.params,
@@ -59,6 +62,22 @@ def load_init(init: str, init_step: int = -1, image_size: int | None = None) -> 
   raise FileNotFoundError(
       f"config.init={init!r}: not 'random', a pre-training workdir, nor an existing "
       f"{'/'.join(sorted(FILE_KINDS))} checkpoint file")
+
+
+def _refuse_finetuning_workdir(init: str, path: Any) -> None:
+  """A fine-tuning workdir has checkpoints too, but of a classifier (its encoder nested)."""
+  info_path = path / "config.json"
+  if not info_path.is_file():
+    return
+  try:
+    info = json.loads(info_path.read_text())
+  except ValueError:
+    return  # read_run_info names the damage below
+  kind = next((k for k in FINETUNED_KINDS if k in info), None)
+  if kind is not None:
+    raise ValueError(f"config.init={init!r} is a fine-tuning workdir (its config.json has a "
+                     f"{kind!r} entry), not a pre-training one: config.init takes 'random', a "
+                     "pre-training workdir or a .safetensors/.pth/.npz weights file")
 
 
 def encoder_for_classifier(encoder_params: Any, expected: Any, where: str) -> Any:

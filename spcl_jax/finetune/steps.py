@@ -1,7 +1,7 @@
 """The fine-tuning train state and jitted steps, built for one device mesh.
 
-A step: uint8 global batch (sharded over the batch axes) -> normalise -> the task's model with
-drop path (rng: the step key) -> the task's loss (`tasks`: classification's BCE with logits,
+A step: uint8 global batch (sharded over the batch axes) -> normalise -> the workload's model with
+drop path (rng: the step key) -> the workload's loss (`workloads`: classification's BCE with logits,
 Medical MAE's; segmentation's Dice + BCE) -> gradients -> AdamW with layer-wise lr decay. With
 config.optim.freeze_encoder the encoder's gradients are stopped (and its lr multiplier is 0).
 State, shardings and batches are the pre-training ones (`spcl_jax.steps.TrainState`,
@@ -22,7 +22,7 @@ import optax
 
 from spcl_jax import sharding
 from spcl_jax.data.normalize import normalize_uint8
-from spcl_jax.finetune import optimizer, tasks
+from spcl_jax.finetune import optimizer, workloads
 from spcl_jax.steps import TrainState
 
 
@@ -37,7 +37,7 @@ class FineTuning:
   """What fine-tuning on one mesh needs, built once from the config (trainer, bench, tests)."""
 
   model: nn.Module  # model.Classifier or decoders.Segmenter
-  task: Any  # tasks.Classification | tasks.Segmentation
+  workload: Any  # workloads.Classification | workloads.Segmentation
   tx: optax.GradientTransformation
   abstract_state: TrainState  # shapes with shardings attached: the checkpoint restore target
   shardings: Any
@@ -60,8 +60,8 @@ class FineTuning:
 
 def build_finetuning(config: ml_collections.ConfigDict, mesh: Any, num_classes: int,
                      steps_per_epoch: int) -> FineTuning:
-  task = tasks.task_for(config)
-  model = task.build_model(config, num_classes)
+  workload = workloads.workload_for(config)
+  model = workload.build_model(config, num_classes)
   frozen = bool(config.optim.get("freeze_encoder", False))
   boxed = jax.eval_shape(lambda k: _boxed_params(model, k), jax.random.key(0))
   param_shardings = sharding.logical_shardings(boxed, mesh, config)
@@ -87,7 +87,7 @@ def build_finetuning(config: ml_collections.ConfigDict, mesh: Any, num_classes: 
       if frozen:  # no backward pass through the encoder at all
         params = {**params, "encoder": jax.lax.stop_gradient(params["encoder"])}
       logits = model.apply({"params": params}, x, train=True, rngs={"dropout": key})
-      return task.loss(logits, labels)
+      return workload.loss(logits, labels)
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -96,16 +96,16 @@ def build_finetuning(config: ml_collections.ConfigDict, mesh: Any, num_classes: 
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   def eval_step(params: Any, images: jax.Array) -> jax.Array:
-    return task.eval_outputs(
+    return workload.eval_outputs(
         model.apply({"params": params}, normalize_uint8(images, mean, std), train=False))
 
   batch3 = sharding.batch_sharding(mesh, config, 3)
   # targets: labels (B, K) or masks (B, S, S)
-  batch2 = sharding.batch_sharding(mesh, config, 3 if task.target == "mask" else 2)
+  batch2 = sharding.batch_sharding(mesh, config, 3 if workload.target == "mask" else 2)
   replicated = sharding.replicated(mesh)
   jit_train = jax.jit(train_step, in_shardings=(shardings, batch3, batch2, replicated),
                       out_shardings=(shardings, replicated), donate_argnums=(0,))
   # Outputs (logits, or mask probabilities) come back replicated: every process scores them.
   jit_eval = jax.jit(eval_step, in_shardings=(param_shardings, batch3),
                      out_shardings=replicated)
-  return FineTuning(model, task, tx, abstract, shardings, jit_train, jit_eval, mesh, config)
+  return FineTuning(model, workload, tx, abstract, shardings, jit_train, jit_eval, mesh, config)

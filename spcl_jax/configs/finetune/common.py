@@ -38,6 +38,7 @@ def get_config(task: str, prepared: str, image_size_preset: str | None = None
   config.split_scheme = "paper"       # paper (7:2:1 by patient) | official (chexpert.py) | files
   config.split_files = ml_collections.ConfigDict({"train": "", "val": "", "test": ""})
   config.chexpert_policy = "medical_mae"  # uncertain labels: medical_mae | ones | zeros
+  config.classes = ""                 # "" = every class of the task; else "A,B": keep these only
   config.seed = 0
   config.epochs = 75                  # main_finetune_chestxray.py --epochs
   config.batch_size = 1024            # FINETUNE.md: 128 per GPU x 8 GPUs; the rule's ceiling

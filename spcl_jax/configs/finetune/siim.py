@@ -13,7 +13,7 @@ mgca (the default; the setting of Table 4's neighbours GLoRIA, MGCA, MedKLIP): t
 upernet512 (MRM, EVA-X): the encoder is fine-tuned under an UperNet decoder reading blocks
   4/6/8/12 at 512 px, with layer-wise lr decay; BEiT/MAE's ADE20K recipe: AdamW lr 1e-4,
   layer decay 0.65, weight decay 0.05, drop path 0.1, batch 16; 50 epochs, 2 of warmup.
-Both: Dice + BCE, weights 1 and 1 (spcl_jax/finetune/tasks.py says why); random resized crop
+Both: Dice + BCE, weights 1 and 1 (spcl_jax/finetune/workloads.py says why); random resized crop
 (area 0.5-1) and horizontal flip on image and mask together, no RandAugment (its photometric
 ops would act on the image only, harmlessly, but its strong geometric ones move lesions off
 the image); evaluation on the whole image resized to the input (no centre crop: every pixel of

@@ -8,6 +8,7 @@ a CSV without the expected columns).
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import gzip
@@ -151,6 +152,20 @@ def _lines_kept(lines: Iterator[str], consumed: list[str]) -> Iterator[str]:
     yield line
 
 
+def _decoded_lines(raw: Iterable[bytes], not_utf8: dict[int, str]) -> Iterator[str]:
+  """Each line decoded as UTF-8 on its own (a BOM dropped); a line that is not UTF-8 is decoded
+  with replacement characters and `not_utf8[line number]` says which byte: its row becomes a
+  bad_row instead of a codec error that names no file or line."""
+  for number, data in enumerate(raw, start=1):
+    if number == 1 and data.startswith(codecs.BOM_UTF8):
+      data = data[len(codecs.BOM_UTF8):]
+    try:
+      yield data.decode("utf-8")
+    except UnicodeDecodeError as e:
+      not_utf8[number] = f"byte {data[e.start]:#04x} at column {e.start + 1} is not UTF-8"
+      yield data.decode("utf-8", "replace")
+
+
 def read_csv_rows(path: pathlib.Path, required: Iterable[str]) -> Iterator[CsvRow]:
   """Every non-blank record of a .csv or .csv.gz; header names are stripped of spaces.
 
@@ -159,12 +174,15 @@ def read_csv_rows(path: pathlib.Path, required: Iterable[str]) -> Iterator[CsvRo
   opener = gzip.open if path.suffix == ".gz" else open
   with opener(path, "rb") as raw:
     consumed: list[str] = []
-    text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
-    reader = csv.reader(_lines_kept(text, consumed))
+    not_utf8: dict[int, str] = {}
+    reader = csv.reader(_lines_kept(_decoded_lines(raw, not_utf8), consumed))
     try:
       header = tuple(column.strip() for column in next(reader))
     except StopIteration:
       raise ValueError(f"{str(path)!r} is empty: expected a CSV header") from None
+    if not_utf8:
+      raise ValueError(f"{str(path)!r} line {min(not_utf8)}, the header: "
+                       f"{not_utf8[min(not_utf8)]}")
     missing = [column for column in required if column not in header]
     if missing:
       raise ValueError(f"{str(path)!r}: missing column(s) {missing}; header is {list(header)}")
@@ -181,6 +199,9 @@ def read_csv_rows(path: pathlib.Path, required: Iterable[str]) -> Iterator[CsvRo
                else f"lines {first_line}-{reader.line_num}")
       record_text = "".join(consumed).rstrip("\r\n")
       consumed.clear()
+      undecodable = [not_utf8[n] for n in range(first_line, reader.line_num + 1) if n in not_utf8]
+      if not error and undecodable:
+        error = undecodable[0]
       if not error and not any(cell.strip() for cell in row):
         continue
       if not error and len(row) != len(header):

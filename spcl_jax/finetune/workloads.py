@@ -1,4 +1,5 @@
-"""What differs between fine-tuning tasks, behind one interface the trainer and steps call.
+"""What differs between the fine-tuning workloads, behind one interface the trainer and steps
+call ("task" is the benchmark, config.task: nih14, chexpert, rsna, siim).
 
   classification  Classifier (pool + linear head); BCE with logits; eval keeps the logits;
                   scored by macro AUC (with a bootstrap interval on test, over patients where
@@ -6,8 +7,8 @@
                   fine-tuning) and 'linear' (frozen encoder): one task, two table rows.
   segmentation    Segmenter (ViT + decoder, `decoders`); Dice + BCE per pixel; eval keeps per
                   image |T&P|, |T|, |P| at threshold 0.5 (`dice`); selects on val dice_positive.
-Everything else (data pipeline, LLRD AdamW, checkpoints, resume, selection, results.json) is
-shared.
+Everything else (data pipeline, LLRD AdamW, selection, results.json) is fine-tuning's, and
+checkpoints, resume and every run-safety protection are the engine's (`spcl_jax.engine`).
 
 Segmentation loss: loss_weights.bce * mean pixel BCE + loss_weights.dice * (1 - soft Dice),
 the soft Dice pooled over the batch (sum p t over all pixels of the batch), weights 1 and 1.
@@ -139,7 +140,7 @@ class Segmentation:
             f"), global {scored['dice_global']:.4f}")
 
 
-def task_for(config: ml_collections.ConfigDict):
+def workload_for(config: ml_collections.ConfigDict):
   """config.task / config.protocol -> Classification() or Segmentation(protocol)."""
   if config.task in SEGMENTATION_TASKS:
     if config.protocol not in DECODERS:

@@ -1,0 +1,56 @@
+"""Grain's worker processes never outlive a trainer killed with -9, whenever the kill lands:
+while the workers are still importing (they are spawned: a second or more), and once they
+serve batches. The pipeline runs alone in a subprocess (the trainer's `_with_workers`, without
+a model), so each kill costs a Python start, not a compilation."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_run_safety_commands import alive, descendants
+
+# Two workers serving an endless stream; prints "batch" once one has arrived.
+PIPELINE = """
+import grain
+from spcl_jax.data import pipeline
+ds = grain.MapDataset.range(10**6).to_iter_dataset()
+it = iter(pipeline._with_workers(ds, 2))
+next(it)
+print("batch", flush=True)
+while True:
+  next(it)
+  time.sleep(0.01)
+"""
+
+
+def start_pipeline():
+  return subprocess.Popen([sys.executable, "-c", "import time\n" + PIPELINE],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, what: str, timeout: float = 60.0) -> None:
+  deadline = time.time() + timeout
+  while not condition():
+    if time.time() > deadline:
+      raise AssertionError(f"timed out waiting for {what}")
+    time.sleep(0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["workers importing", "workers serving"])
+def test_a_killed_pipeline_leaves_no_process_behind(moment):
+  proc = start_pipeline()
+  try:
+    if moment == "workers importing":
+      # Kill as soon as the first worker exists: it has not run its init function yet.
+      wait_for(lambda: len(descendants(proc.pid)) >= 2, "the worker processes")
+    else:
+      assert proc.stdout.readline().strip() == "batch", proc.stderr.read()[-2000:]
+    children = descendants(proc.pid)
+  finally:
+    proc.kill()
+    proc.communicate(timeout=30)
+  assert children
+  wait_for(lambda: not any(alive(pid) for pid in children), "no orphan", timeout=15)
