@@ -19,7 +19,8 @@ TASK_TITLES = {"nih14": "ChestX-ray14", "chexpert": "CheXpert", "rsna": "RSNA Pn
                "siim": "SIIM-ACR", "custom": "Own data"}
 
 # config.protocol: how a task is trained and scored (recorded in results.json as `protocol`).
-CLASSIFICATION_PROTOCOLS = ("classification",)
+# classification: full fine-tuning; linear: linear evaluation (the encoder frozen)
+CLASSIFICATION_PROTOCOLS = ("classification", "linear")
 SEGMENTATION_PROTOCOLS = ("mgca", "upernet512")
 PROTOCOLS = CLASSIFICATION_PROTOCOLS + SEGMENTATION_PROTOCOLS
 

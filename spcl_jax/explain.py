@@ -26,6 +26,7 @@ import numpy as np
 
 from spcl_jax import command_line
 from spcl_jax.atomic_file import local_output
+from spcl_jax.downstream import CLASSIFICATION_PROTOCOLS
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -70,7 +71,7 @@ def explain_files(scorer, paths, class_name: str, out: pathlib.Path, steps: int)
   from spcl_jax.finetune.predictions import sigmoid  # pylint: disable=g-import-not-at-top
   from spcl_jax.inference import images, saliency  # pylint: disable=g-import-not-at-top
   loaded = scorer.loaded
-  if loaded.protocol != "classification":
+  if loaded.protocol not in CLASSIFICATION_PROTOCOLS:
     raise ValueError(f"{loaded.source} is a segmentation model: its masks (python -m "
                      "spcl_jax.predict) already show where it looks")
   if class_name not in loaded.classes:

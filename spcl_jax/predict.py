@@ -29,6 +29,7 @@ import numpy as np
 
 from spcl_jax import command_line
 from spcl_jax.atomic_file import check_writable, local_output
+from spcl_jax.downstream import CLASSIFICATION_PROTOCOLS
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -88,7 +89,7 @@ def predict_files(scorer, paths: Sequence[pathlib.Path], out: pathlib.Path,
   from spcl_jax.finetune import dice  # pylint: disable=g-import-not-at-top
   from spcl_jax.finetune.predictions import format_number, sigmoid  # pylint: disable=g-import-not-at-top
   loaded = scorer.loaded
-  classification = loaded.protocol == "classification"
+  classification = loaded.protocol in CLASSIFICATION_PROTOCOLS
   if classification:
     header = ["path", *(f"prob_{c}" for c in loaded.classes)]
   else:
@@ -145,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     loaded = model.load_workdir(args.workdir) if args.workdir else model.load_export(args.model)
     scorer = model.Scorer(loaded, args.batch_per_device)
     masks = None
-    if loaded.protocol != "classification":
+    if loaded.protocol not in CLASSIFICATION_PROTOCOLS:
       masks = pathlib.Path(args.masks or out.with_name(out.stem + "_masks")).expanduser()
     report = predict_files(scorer, paths, out, masks, args.workers)
     print(f"scored {report['scored']} of {report['images']} images with {loaded.source}; "

@@ -149,6 +149,7 @@ def finetune_config(task: str, prepared: pathlib.Path, preset: str | None = None
   import importlib
   config = importlib.import_module(f"spcl_jax.configs.finetune.{task}").get_config(preset)
   config.data.prepared = str(prepared)
+  config.split_scheme = "paper"  # CheXpert's default 'official' test is 3 images here
   config.model.variant = "pico/16"
   config.model.image_size = SIIM_SIZE if task == "siim" else SIZE
   if task == "siim":
@@ -162,6 +163,7 @@ def finetune_config(task: str, prepared: pathlib.Path, preset: str | None = None
   config.data.num_workers = 0
   config.log_every_steps = 1
   config.bootstrap_samples = 10
+  config.low_label.enabled = False  # the batch and epochs above, as given
   for key, value in overrides.items():
     target = config
     *parents, leaf = key.split(".")

@@ -39,8 +39,9 @@ from spcl_jax.preemption import StopRequest
 TOP_LEVEL_KEYS = {"format", "task", "protocol", "label_fraction", "split_scheme", "init",
                   "metric", "classes", "val_best", "test_at_best_val", "test_at_last_epoch",
                   "seeds", "config", "split_hashes", "git_commit", "versions",
-                  "accelerator_seconds", "device_kind", "num_devices", "predictions"}
-TEST_KEYS = {"epoch", "step", "macro_auc", "per_class", "ci95", "num_images"}
+                  "accelerator_seconds", "device_kind", "num_devices", "predictions", "pool",
+                  "train_positives"}
+TEST_KEYS = {"epoch", "step", "macro_auc", "per_class", "ci95", "ci95_unit", "num_images"}
 # What differs between two correct runs of the same config (the commit: when the checkout
 # changes between the two, as it may while the suite runs).
 RUN_DEPENDENT = ("accelerator_seconds", "git_commit")

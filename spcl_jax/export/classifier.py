@@ -101,6 +101,7 @@ def describe_classifier(finetuned: FineTuned, in_chans: int) -> dict[str, Any]:
       "timm_class": "timm.models.vision_transformer.VisionTransformer",
       "timm_kwargs": classifier_kwargs(finetuned, in_chans),
       "classes": finetuned.classes,
+      "pool": finetuned.pool,  # as resolved at fine-tuning (config.model.pool 'auto' -> cls/avg)
       "outputs": "logits, one per class in 'classes' order; sigmoid gives probabilities",
       "image_size": image_size,
       "in_chans": in_chans,

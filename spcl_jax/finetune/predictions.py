@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from spcl_jax.downstream import CLASSIFICATION_PROTOCOLS
 from spcl_jax.workdir_path import is_url, rewrite_text
 
 FOLDER = "predictions"
@@ -98,7 +99,7 @@ class PredictionWriter:
 
   def write(self, split: str, which: str, source, outputs: np.ndarray) -> dict[str, str]:
     names, patients = source_names_and_patients(source)
-    if self.protocol == "classification":
+    if self.protocol in CLASSIFICATION_PROTOCOLS:
       header, rows = classification_rows(names, patients, source.targets, outputs, self.classes)
     else:
       header, rows = segmentation_rows(names, patients, outputs, self.image_size)

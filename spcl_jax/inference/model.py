@@ -77,7 +77,7 @@ def load_workdir(workdir: str | pathlib.Path, step: int | None = None) -> Loaded
 
 def load_export(path: str | pathlib.Path) -> LoadedModel:
   """A classifier exported to timm (OUT.safetensors + its OUT.json sidecar)."""
-  from spcl_jax.export import importing  # pylint: disable=g-import-not-at-top
+  from spcl_jax.weights import importing  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(path).expanduser()
   sidecar = path.with_suffix(".json")
   if not sidecar.is_file():

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from spcl_jax.downstream import CLASSIFICATION_PROTOCOLS
 from spcl_jax.finetune import predictions
 
 DPI = 120
@@ -102,7 +103,7 @@ def figures_for_run(run_dir: pathlib.Path, result: dict[str, Any], title: str, o
   """Writes OUT/STEM_roc.png and OUT/STEM_curves.png where the run has what they need."""
   written, skipped = {}, []
   listed = result.get("predictions", {}).get("test_best_val")
-  if result.get("protocol") != "classification":
+  if result.get("protocol") not in CLASSIFICATION_PROTOCOLS:
     skipped.append(f"{run_dir}: no ROC (segmentation)")
   elif listed is None or not (run_dir / listed["file"]).is_file():
     skipped.append(f"{run_dir}: no ROC (no predictions/test_best_val.csv; runs before "
