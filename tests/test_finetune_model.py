@@ -8,22 +8,13 @@ import orbax.checkpoint as ocp
 import pytest
 
 from spcl_jax.configs.finetune import nih14
-<<<<<<< HEAD
 from export_fixtures import max_abs_diff, random_encoder_params, sample_images, torch_input
 from spcl_jax import checkpoint, run_info
-=======
-from export_fixtures import max_abs_diff, random_encoder_params, sample_images
-from spcl_jax import checkpoint
->>>>>>> issue-22
 from spcl_jax.data.normalize import normalize_uint8
 from spcl_jax.export import export_checkpoint
 from spcl_jax.finetune import optimizer
 from spcl_jax.finetune.model import build_classifier
 from spcl_jax.finetune.trainer import run_info_extra
-<<<<<<< HEAD
-=======
-from spcl_jax.run_info import write_run_info
->>>>>>> issue-22
 from spcl_jax.models.vit import DropPath, drop_path_rates
 
 CLASSES = ["a", "b", "c"]
@@ -60,13 +51,8 @@ def test_exported_classifier_matches_jax_logits_in_timm(tmp_path, pool):
   from timm.models.vision_transformer import VisionTransformer
   config = small_config(pool)
   params = random_classifier_params(config)
-<<<<<<< HEAD
   init = {"kind": "random", "path": None, "step": None}
   run_info.write_run_info(tmp_path, config, run_info_extra(config, CLASSES, init))
-=======
-  write_run_info(tmp_path, config, run_info_extra(config, CLASSES, {"kind": "random",
-                                                                   "path": None, "step": None}))
->>>>>>> issue-22
   manager = checkpoint.make_manager(tmp_path / "best")
   manager.save(5, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
   manager.wait_until_finished()
