@@ -9,16 +9,18 @@ import these names from here. Nothing here imports the rest of spcl_jax.
 """
 
 # config.task -> the prepared dataset it reads (`python -m spcl_jax.data.prepare DATASET`).
+# 'custom' is a user's own labelled CSV (`prepare csv`), classes from its prepared folder.
 TASK_DATASETS = {"nih14": "nih_chestxray14", "chexpert": "chexpert", "rsna": "rsna_pneumonia",
-                 "siim": "siim_acr"}
+                 "siim": "siim_acr", "custom": "csv"}
 TASKS = tuple(TASK_DATASETS)
-CLASSIFICATION_TASKS = ("nih14", "chexpert", "rsna")
+CLASSIFICATION_TASKS = ("nih14", "chexpert", "rsna", "custom")
 SEGMENTATION_TASKS = ("siim",)
 TASK_TITLES = {"nih14": "ChestX-ray14", "chexpert": "CheXpert", "rsna": "RSNA Pneu.",
-               "siim": "SIIM-ACR"}
+               "siim": "SIIM-ACR", "custom": "Own data"}
 
 # config.protocol: how a task is trained and scored (recorded in results.json as `protocol`).
-CLASSIFICATION_PROTOCOLS = ("classification",)
+# classification: full fine-tuning; linear: linear evaluation (the encoder frozen)
+CLASSIFICATION_PROTOCOLS = ("classification", "linear")
 SEGMENTATION_PROTOCOLS = ("mgca", "upernet512")
 PROTOCOLS = CLASSIFICATION_PROTOCOLS + SEGMENTATION_PROTOCOLS
 

@@ -62,9 +62,15 @@ def random_encoder_params(config, seed: int = 0) -> dict[str, Any]:
 
 
 def make_workdir(path: pathlib.Path, variant: str, image_size: int, *, step: int = 7,
-                 seed: int = 0) -> tuple[pathlib.Path, dict[str, Any]]:
-  """Writes a workdir with one checkpoint at `step`; returns it and the encoder params."""
+                 seed: int = 0, normalization: tuple[float, float] | None = None
+                 ) -> tuple[pathlib.Path, dict[str, Any]]:
+  """Writes a workdir with one checkpoint at `step`; returns it and the encoder params.
+
+  `normalization`: the (mean, std) its config.json records, if not the defaults.
+  """
   config = make_config(variant, image_size)
+  if normalization is not None:
+    config.data.mean, config.data.std = normalization
   write_run_info(path, config)
   params = random_encoder_params(config, seed)
   manager = checkpoint.make_manager(path)

@@ -149,6 +149,7 @@ def finetune_config(task: str, prepared: pathlib.Path, preset: str | None = None
   import importlib
   config = importlib.import_module(f"spcl_jax.configs.finetune.{task}").get_config(preset)
   config.data.prepared = str(prepared)
+  config.split_scheme = "paper"  # CheXpert's default 'official' test is 3 images here
   config.model.variant = "pico/16"
   config.model.image_size = SIIM_SIZE if task == "siim" else SIZE
   if task == "siim":
@@ -162,6 +163,7 @@ def finetune_config(task: str, prepared: pathlib.Path, preset: str | None = None
   config.data.num_workers = 0
   config.log_every_steps = 1
   config.bootstrap_samples = 10
+  config.low_label.enabled = False  # the batch and epochs above, as given
   for key, value in overrides.items():
     target = config
     *parents, leaf = key.split(".")
@@ -180,3 +182,99 @@ def cli_args(task: str, prepared: pathlib.Path, **overrides) -> list[str]:
             "bootstrap_samples": 10, **overrides}
   config_file = pathlib.Path(__file__).resolve().parents[1] / f"spcl_jax/configs/finetune/{task}.py"
   return [f"--config={config_file}", *(f"--config.{k}={v}" for k, v in fields.items())]
+
+
+# --- a fine-tuning set with signal ----------------------------------------------------------
+# The labels of `prepared_nih_with_signal` are a linear read-out of a pre-trained encoder's
+# features (a teacher): fine-tuning from that encoder (the init of `teacher_workdir`) can learn
+# them, from another encoder it barely can, and shuffled labels or misaligned predictions score
+# chance. The images are noise, so no pixel statistic gives a label away. The pre-training run
+# normalised with its own mean/std (not the defaults), and the labels are computed with them.
+
+SIGNAL_PATIENTS = 120  # ~84 / 24 / 12 images in train / val / test
+TEACHER_MEAN, TEACHER_STD = 0.3, 0.2
+
+
+def teacher_workdir(path: pathlib.Path) -> tuple[pathlib.Path, dict]:
+  """A pre-training workdir (config.json + checkpoint) of random pico/16 encoder weights.
+
+  Pre-trained at 64 px (32 px leaves too few patches for its two masked views); the encoder's
+  weights do not depend on the image size (fixed sin-cos positions), so it fine-tunes at 32.
+  """
+  from export_fixtures import make_workdir
+  return make_workdir(path, "pico/16", 64, normalization=(TEACHER_MEAN, TEACHER_STD))
+
+
+def signal_config(prepared: pathlib.Path, init: str, **overrides):
+  """One epoch of fine-tuning the head on the frozen init; augmentation and drop path off
+  (the teacher labels are those of the whole image); eval views are the stored image itself."""
+  settings = {"init": init, "epochs": 1, "optim.freeze_encoder": True,
+              "optim.learning_rate": 1e-2, "optim.warmup_epochs": 0, "model.drop_path_rate": 0.0,
+              "data.crop_scale": (1.0, 1.0), "data.hflip": False, "data.randaugment": False,
+              "data.eval_crop_fraction": 1.0}
+  return finetune_config("nih14", prepared, **{**settings, **overrides})
+
+
+def _teacher_features(prepared: pathlib.Path, encoder: dict
+                      ) -> dict[str, tuple[list[str], np.ndarray]]:
+  """Per split: image names and the (M, D) features the classifier's head would read (pool
+  'avg': a fresh fc_norm on the patch tokens' mean) of the init's encoder, on the eval views."""
+  import jax
+  import jax.numpy as jnp
+  from spcl_jax.data.normalize import normalize_uint8
+  from spcl_jax.data.prepared_folder import LabelledSource
+  from spcl_jax.finetune import data
+  from spcl_jax.finetune.model import build_classifier
+  config = signal_config(prepared, "random")
+  width = encoder["cls"].shape[-1]
+  model = build_classifier(config, width)
+  transformer = {k: v for k, v in encoder["Transformer"].items() if k != "encoder_norm"}
+  params = {"encoder": {**encoder, "Transformer": transformer},
+            "fc_norm": {"scale": np.ones(width, np.float32), "bias": np.zeros(width, np.float32)},
+            "head": {"kernel": np.eye(width, dtype=np.float32),
+                     "bias": np.zeros(width, np.float32)}}
+  apply = jax.jit(model.apply)
+  out = {}
+  for split in splits.SPLIT_NAMES:
+    source = LabelledSource(prepared, split)
+    view = data.EvalTransform(config, data.stored_image_size(source))
+    records = [source[i] for i in range(len(source))]
+    images = np.stack([view.map({**r, "valid": True})["image"] for r in records])
+    x = normalize_uint8(jnp.asarray(images), TEACHER_MEAN, TEACHER_STD)
+    out[split] = ([r["name"] for r in records], np.asarray(apply({"params": params}, x)))
+  return out
+
+
+def _readout(features: np.ndarray, num_classes: int, components: int = 3) -> np.ndarray:
+  """(D, K): random mixtures of the features' top principal directions (few examples learn
+  them; another encoder's features do not contain them)."""
+  _, vectors = np.linalg.eigh(np.cov(features.T))
+  top = vectors[:, ::-1][:, :components]
+  return top @ np.random.default_rng(1).normal(size=(components, num_classes))
+
+
+def prepared_nih_with_signal(root: pathlib.Path, encoder: dict) -> pathlib.Path:
+  """ChestX-ray14 of noise images whose 14 labels are the teacher's scores above their median
+  within each split (every class has both values on every split)."""
+  from spcl_jax.data.datasets import nih_chestxray14 as nih
+  names = [f"{p:08d}_000.png" for p in range(1, SIGNAL_PATIENTS + 1)]
+  rng = np.random.default_rng(0)
+  for name in names:
+    fx.write_png(root / "raw/images" / name, rng.integers(0, 256, (64, 64), np.uint8))
+
+  def write_entries(findings: dict[str, str]) -> None:
+    rows = [fx.nih_row(name, findings.get(name, "No Finding"), p)
+            for p, name in enumerate(names, start=1)]
+    fx.write_csv(root / "raw/Data_Entry_2017_v2020.csv", fx.NIH_HEADER, rows)
+  write_entries({})  # first pass: the images as prepare stores them, to score them
+  unlabelled = _run_prepare("nih_chestxray14", root / "raw", root / "unlabelled")
+  features = _teacher_features(unlabelled, encoder)
+  readout = _readout(np.concatenate([f for _, f in features.values()]), len(nih.LABELS))
+  findings = {}
+  for split_names, split_features in features.values():
+    scores = split_features @ readout
+    positive = scores > np.median(scores, axis=0)
+    for name, row in zip(split_names, positive):
+      findings[name] = "|".join(c for c, y in zip(nih.LABELS, row) if y) or "No Finding"
+  write_entries(findings)
+  return _run_prepare("nih_chestxray14", root / "raw", root / "prepared")

@@ -7,6 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -223,3 +224,59 @@ def test_largest_batch_search_finds_the_last_batch_under_the_budget(monkeypatch)
   found, figures = memory.largest_batch_per_device(config, None, 100_000, log=lambda _: None)
   assert found == 1084 and figures.peak <= 100_000  # 1086 would need 100_164 bytes
   assert memory.largest_batch_per_device(config, None, 500, log=lambda _: None) is None
+
+
+def _toy_embed(encoder, images, positions):
+  """(B, 3) images, (2, B, 1) positions -> z (2, B, 2): two 'views' of a tanh layer."""
+  shift = positions[..., 0, None].astype(jnp.float32) * 0.1
+  return jnp.stack([jnp.tanh(images @ encoder["w"] + shift[0]),
+                    jnp.tanh(images @ encoder["w"] * 2.0 + shift[1])])
+
+
+def _toy_contrastive(z, log_scale):
+  """InfoNCE over the rows it is given (each row's softmax runs over them all)."""
+  logits = z[0] @ z[1].T * jnp.exp(log_scale)
+  return -jnp.mean(jnp.diag(jax.nn.log_softmax(logits, axis=1))), jnp.float32(0)
+
+
+@pytest.fixture(scope="module")
+def toy_batch():
+  rng = np.random.default_rng(5)
+  params = {"encoder": {"w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)},
+            "log_scale": jnp.float32(0.7)}
+  images = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)
+  positions = jnp.asarray(rng.integers(0, 4, (2, 8, 1)), jnp.int32)
+  return params, images, positions
+
+
+def _toy_gradients(params, images, positions, rows):
+  def objective(p):
+    return _toy_contrastive(_toy_embed(p["encoder"], images[rows], positions[:, rows]),
+                            p["log_scale"])[0]
+  return jax.grad(objective)(params)
+
+
+def test_plain_gradients_are_the_mean_of_the_microbatch_gradients(toy_batch):
+  # 2 devices x 4 rows, k = 2: micro-batch j is rows 2j, 2j + 1 of each device. A sum instead
+  # of the mean would hide from an AdamW step (scale-invariant), not from the raw gradients.
+  params, images, positions = toy_batch
+  (_, _, mb_loss), grads = accumulation.plain_gradients(
+      params, images, positions, embed=_toy_embed, loss=_toy_contrastive, num_shards=2, k=2)
+  per_microbatch = [_toy_gradients(params, images, positions, np.array(rows))
+                    for rows in ([0, 1, 4, 5], [2, 3, 6, 7])]
+  reference = jax.tree.map(lambda a, b: (a + b) / 2, *per_microbatch)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(reference)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(optax.tree.norm(grads), optax.tree.norm(reference), rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_cached_gradients_are_the_whole_batch_gradient(toy_batch, k):
+  params, images, positions = toy_batch
+  (value, _), grads = accumulation.cached_gradients(
+      params, images, positions, embed=_toy_embed, embed_on_device=_toy_embed,
+      loss=_toy_contrastive, num_shards=2, k=k, batch_axes=None)
+  reference = _toy_gradients(params, images, positions, np.arange(8))
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(reference)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(optax.tree.norm(grads), optax.tree.norm(reference), rtol=1e-5)

@@ -35,3 +35,13 @@ def test_shape_and_value_errors():
     auc.macro_auc(np.array([[2], [0]]), np.zeros((2, 1)), ["a"])
   with pytest.raises(ValueError, match="NaN"):
     auc.macro_auc(np.array([[1], [0]]), np.array([[np.nan], [0.0]]), ["a"])
+
+
+def test_macro_auc_is_the_mean_of_three_distinct_per_class_aucs():
+  # Per class: a ranks every positive first (1.0), b one pair wrong of four (0.75), c all
+  # pairs wrong (0.0): the mean 0.5833 is neither the median (0.75) nor any one class.
+  labels = np.array([[1, 1, 1], [1, 0, 1], [0, 1, 0], [0, 0, 0]])
+  scores = np.array([[0.9, 0.9, 0.1], [0.8, 0.7, 0.2], [0.2, 0.6, 0.8], [0.1, 0.1, 0.9]])
+  mean, per_class = auc.macro_auc(labels, scores, ["a", "b", "c"])
+  assert per_class == pytest.approx({"a": 1.0, "b": 0.75, "c": 0.0})
+  assert mean == pytest.approx(1.75 / 3)

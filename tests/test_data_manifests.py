@@ -76,6 +76,15 @@ def test_nih_multi_label_no_finding_and_official_lists(tmp_path):
   assert targets.dtype == np.float32 and targets.sum() == 2
 
 
+def test_nih_patient_ids_with_and_without_leading_zeros_are_one_patient(tmp_path):
+  # The split is by patient: "00042" and "42" must not land in different splits.
+  rows = [fx.nih_row("00000042_000.png", "Mass", 42), fx.nih_row("00000042_001.png", "Mass", 42)]
+  rows[1] = rows[1].replace(",42,", ",00042,")
+  fx.write_csv(tmp_path / "Data_Entry_2017_v2020.csv", fx.NIH_HEADER, rows)
+  manifest = nih_chestxray14.read_manifest(tmp_path, check_files=False)
+  assert [e.patient for e in manifest.entries] == ["42", "42"]
+
+
 def test_nih_finds_images_in_kaggle_subfolders(tmp_path):
   fx.write_csv(tmp_path / "Data_Entry_2017.csv", fx.NIH_HEADER,
                [fx.nih_row("00000001_000.png", "Mass", 1)])

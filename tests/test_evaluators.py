@@ -211,3 +211,17 @@ def test_evaluate_command_on_a_workdir(tmp_path):
   assert record["step"] == 7 and 0 <= record["p_auc"] <= 1
   assert record["p_auc"] == record["p_auc/pneumonia"]
   assert evaluate.main(["--workdir", str(workdir), "--config.model.image_size=64"]) == 2  # usage
+
+
+def test_probe_scores_are_the_decision_function_of_a_standardised_logistic_regression():
+  # AUC needs a ranking: hard 0/1 predictions would tie most val images.
+  from sklearn.linear_model import LogisticRegression
+  x, y, _ = synthetic(seed=4, n=300, dim=8)
+  x = x.astype(np.float64)
+  got = probe_scores(x[:200], y[:200], x[200:])
+  mean, std = x[:200].mean(axis=0), x[:200].std(axis=0)
+  for k in range(len(CLASSES)):
+    reference = LogisticRegression(max_iter=1000).fit((x[:200] - mean) / std, y[:200, k])
+    want = (x[200:] - mean) / std @ reference.coef_[0] + reference.intercept_[0]
+    np.testing.assert_allclose(got[:, k], want, rtol=1e-4, atol=1e-4)
+  assert len(np.unique(got)) == got.size

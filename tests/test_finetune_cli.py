@@ -37,7 +37,7 @@ def test_config_errors_name_the_field(tmp_path):
     load_init(str(tmp_path / "missing"))
 
 
-@pytest.mark.parametrize("task", ["nih14", "chexpert", "rsna"])
+@pytest.mark.parametrize("task", ["nih14", "chexpert", "rsna", "custom"])
 def test_shipped_finetune_configs_validate_with_the_recipe(task):
   import importlib
   from spcl_jax.finetune.configuration import validate_finetune_config
@@ -46,7 +46,7 @@ def test_shipped_finetune_configs_validate_with_the_recipe(task):
   validate_finetune_config(config, num_batch_shards=8)
   assert (config.optim.layer_decay, config.optim.base_learning_rate, config.epochs,
           config.optim.warmup_epochs, config.model.drop_path_rate, config.model.pool,
-          config.model.image_size) == (0.55, 2.5e-4, 75, 5, 0.2, "avg", 224)
+          config.model.image_size) == (0.55, 2.5e-4, 75, 5, 0.2, "auto", 224)
   assert module.get_config("512").model.image_size == 512
   with pytest.raises(ValueError, match="preset"):
     module.get_config("384")

@@ -68,8 +68,13 @@ def test_exported_classifier_matches_jax_logits_in_timm(tmp_path, pool):
   _, images = sample_images(64, 4)
   x = normalize_uint8(jnp.asarray(images), config.data.mean, config.data.std)
   jax_logits = jax.jit(build_classifier(config, len(CLASSES)).apply)({"params": params}, x)
+  # The torch side preprocesses raw pixels as the sidecar tells a timm user to.
+  mean = np.asarray(described["mean"], np.float32)[None, :, None, None]
+  std = np.asarray(described["std"], np.float32)[None, :, None, None]
+  assert mean.shape[1] == described["in_chans"] == model.patch_embed.proj.in_channels
+  pixels = np.repeat(images[:, None].astype(np.float32) / np.float32(255.0), mean.shape[1], 1)
   with torch.no_grad():
-    torch_logits = model(torch_input(images, 1, config.data.mean, config.data.std)).numpy()
+    torch_logits = model(torch.from_numpy((pixels - mean) / std)).numpy()
   assert np.abs(jax_logits).max() > 0.1  # a real signal, not two near-zero outputs
   assert max_abs_diff(jax_logits, torch_logits) <= 1e-4
 
@@ -195,3 +200,37 @@ def test_init_from_a_timm_export_round_trips_into_the_classifier(tmp_path):
         lambda k: flax.linen.unbox(other.init(k, jnp.zeros((1, 32, 32, 1))))["params"],
         jax.random.key(0))["encoder"]
     encoder_for_classifier(init.encoder_params, shapes, "config.init")
+
+
+def test_init_from_a_checkpoint_with_learnt_position_embeddings_is_refused(tmp_path):
+  from safetensors.numpy import load_file, save_file
+  from export_fixtures import make_workdir
+  from spcl_jax.finetune.initialization import load_init
+  workdir, _ = make_workdir(tmp_path / "pretrain", "pico/16", 64)
+  export_checkpoint(workdir, "timm", tmp_path / "vit.safetensors")
+  state = load_file(str(tmp_path / "vit.safetensors"))
+  assert load_init(str(tmp_path / "vit.safetensors"), image_size=32).kind == "timm"
+  learnt = np.random.default_rng(0).normal(0, 0.02, state["pos_embed"].shape)
+  save_file({**state, "pos_embed": learnt.astype(np.float32)}, str(tmp_path / "learnt.safetensors"))
+  with pytest.raises(ValueError, match="learnt position embeddings"):
+    load_init(str(tmp_path / "learnt.safetensors"), image_size=32)
+
+
+@pytest.mark.slow
+def test_fine_tuning_train_step_applies_drop_path():
+  # Two step keys on one state: drop path draws other branches, so the gradients differ (the
+  # loss barely does: the fresh head's logits are near zero). Without it they would agree.
+  from spcl_jax import sharding, steps
+  from spcl_jax.finetune.steps import build_finetuning
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (8, 32, 32), np.uint8)
+  labels = rng.integers(0, 2, (8, len(CLASSES))).astype(np.float32)
+  config = small_config("avg", 32)
+  config.batch_size = 8
+  config.model.drop_path_rate = 0.5
+  mesh = sharding.make_mesh(config)
+  ft = build_finetuning(config, mesh, len(CLASSES), steps_per_epoch=1)
+  x, y = steps.global_batch(images, mesh, config), steps.global_batch(labels, mesh, config)
+  norms = [float(ft.train_step(ft.init_state(jax.random.key(0)), x, y,
+                               jax.random.key(seed))[1]["grad_norm"]) for seed in (1, 2)]
+  assert abs(norms[0] - norms[1]) > 1e-3 * norms[0]

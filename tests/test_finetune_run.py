@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -38,8 +39,9 @@ from spcl_jax.preemption import StopRequest
 TOP_LEVEL_KEYS = {"format", "task", "protocol", "label_fraction", "split_scheme", "init",
                   "metric", "classes", "val_best", "test_at_best_val", "test_at_last_epoch",
                   "seeds", "config", "split_hashes", "git_commit", "versions",
-                  "accelerator_seconds", "device_kind", "num_devices"}
-TEST_KEYS = {"epoch", "step", "macro_auc", "per_class", "ci95", "num_images"}
+                  "accelerator_seconds", "device_kind", "num_devices", "predictions", "pool",
+                  "train_positives"}
+TEST_KEYS = {"epoch", "step", "macro_auc", "per_class", "ci95", "ci95_unit", "num_images"}
 # What differs between two correct runs of the same config (the commit: when the checkout
 # changes between the two, as it may while the suite runs).
 RUN_DEPENDENT = ("accelerator_seconds", "git_commit")
@@ -57,13 +59,16 @@ def prepared(tmp_path_factory):
     return {task: build(root / task) for task, build in ff.PREPARED.items()}
 
 
-def run(config, workdir):
-  """train_and_evaluate, recording the size of every split it predicts on, in order."""
+def run(config, workdir, heads=None):
+  """train_and_evaluate, recording the size of every split it predicts on, in order (and, into
+  `heads` if given, the head kernel of the parameters each prediction used)."""
   predicted = []
   original = trainer.predict
 
   def recording_predict(ft, params, dataset, num_images):
     predicted.append(num_images)
+    if heads is not None:
+      heads.append(np.asarray(jax.device_get(params["head"]["kernel"])))
     return original(ft, params, dataset, num_images)
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(trainer, "predict", recording_predict)
@@ -75,8 +80,9 @@ def run(config, workdir):
 def nih_run(prepared, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("nih_run")
   config = ff.finetune_config("nih14", prepared["nih14"])
-  outcome, predicted = run(config, workdir)
-  return config, workdir, outcome, predicted
+  heads = []
+  outcome, predicted = run(config, workdir, heads)
+  return config, workdir, outcome, predicted, heads
 
 
 def losses(workdir):
@@ -86,7 +92,7 @@ def losses(workdir):
 
 @pytest.mark.slow
 def test_nih_run_selects_on_val_scores_test_once_and_writes_results(nih_run):
-  config, workdir, outcome, predicted = nih_run
+  config, workdir, outcome, predicted, _ = nih_run
   saved = json.loads((workdir / "results.json").read_text())
   assert saved == json.loads(json.dumps(outcome))
   assert set(saved) == TOP_LEVEL_KEYS
@@ -95,8 +101,9 @@ def test_nih_run_selects_on_val_scores_test_once_and_writes_results(nih_run):
   assert (saved["task"], saved["label_fraction"], saved["split_scheme"]) == ("nih14", 100,
                                                                              "paper")
   assert saved["classes"][0] == "Atelectasis" and len(saved["classes"]) == 14
-  # val (10 images) after each of the 2 epochs, then test (5 images) twice, only at the end.
-  assert predicted == [10, 10, 5, 5]
+  # val (10 images) after each of the 2 epochs, then at the end val once more at the best
+  # epoch (its predictions CSV) and test (5 images) twice.
+  assert predicted == [10, 10, 10, 5, 5]
   history = json.loads((workdir / trainer.SELECTION_FILE).read_text())["history"]
   aucs = [history[str(e)]["macro_auc"] for e in (1, 2)]
   best_epoch = int(np.argmax(aucs)) + 1
@@ -114,6 +121,175 @@ def test_nih_run_selects_on_val_scores_test_once_and_writes_results(nih_run):
   assert saved["config"]["model"]["variant"] == "pico/16"
 
 
+@pytest.mark.slow
+def test_predictions_csvs_recompute_results_json_aucs_with_scikit_learn(nih_run):
+  import hashlib
+  from sklearn.metrics import roc_auc_score
+  from spcl_jax.data.prepared_folder import LabelledSource
+  from spcl_jax.finetune import predictions
+  config, workdir, outcome, _, _ = nih_run
+  listed = outcome["predictions"]
+  assert set(listed) == {"val_best_val", "test_best_val", "test_last_epoch"}
+  for key, entry in (("val_best_val", outcome["val_best"]),
+                     ("test_best_val", outcome["test_at_best_val"]),
+                     ("test_last_epoch", outcome["test_at_last_epoch"])):
+    path = workdir / listed[key]["file"]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == listed[key]["sha256"]
+    table = predictions.read_classification_csv(path)
+    assert table["classes"] == outcome["classes"]
+    per_class = [roc_auc_score(table["labels"][:, k], table["probs"][:, k])
+                 for k in range(len(table["classes"]))]
+    assert np.mean(per_class) == pytest.approx(entry["macro_auc"], abs=1e-12)
+    assert per_class == pytest.approx(list(entry["per_class"].values()), abs=1e-12)
+  # Rows are the split's images in record order, each with its own patient and targets.
+  test = LabelledSource(config.data.prepared, "test", "100", policy=config.chexpert_policy)
+  table = predictions.read_classification_csv(workdir / listed["test_best_val"]["file"])
+  assert table["names"] == [test.name(i) for i in range(len(test))]
+  assert table["patients"] == [str(int(n[:8])) for n in table["names"]]
+  np.testing.assert_array_equal(table["labels"], test.targets)
+
+
+@pytest.mark.slow
+def test_predict_reproduces_the_runs_test_probabilities_and_reports_bad_files(nih_run,
+                                                                             tmp_path):
+  import data_fixtures as fx
+  from spcl_jax import predict
+  from spcl_jax.finetune import predictions
+  config, workdir, outcome, _, _ = nih_run
+  raw = ff_prepared_dir(config).parent / "raw/images"
+  table = predictions.read_classification_csv(
+      workdir / outcome["predictions"]["test_best_val"]["file"])
+  pixels = np.asarray(__import__("PIL.Image").Image.open(raw / table["names"][0]),
+                      np.uint16) << 4
+  # The same radiograph as MONOCHROME2 and as MONOCHROME1 (white = low), the latter without a
+  # suffix: prepare's decode inverts it, so both score alike.
+  (tmp_path / "mono2.dcm").write_bytes(fx.dicom_bytes(pixels))
+  (tmp_path / "mono1").write_bytes(fx.dicom_bytes(4095 - pixels, photometric="MONOCHROME1"))
+  fx.write_png(tmp_path / "tiny.png", np.zeros((20, 80), np.uint8))
+  (tmp_path / "broken.png").write_bytes(b"not an image")
+  listed = [str(raw / name) for name in table["names"]] + [
+      "mono2.dcm", "mono1", "tiny.png", "broken.png", "missing.png"]
+  (tmp_path / "list.txt").write_text("\n".join(listed) + "\n")
+  out = tmp_path / "preds.csv"
+  with contextlib.redirect_stdout(io.StringIO()):
+    code = predict.main(["--workdir", str(workdir), "--images", str(tmp_path / "list.txt"),
+                         "--out", str(out), "--batch-per-device", "1"])
+  assert code == 0
+  import csv
+  with open(out, newline="") as f:
+    rows = list(csv.DictReader(f))
+  probs = np.asarray([[float(r[f"prob_{c}"]) for c in table["classes"]] for r in rows])
+  n = len(table["names"])
+  assert [r["path"] for r in rows] == [str(raw / name) for name in table["names"]] + [
+      str(tmp_path / "mono2.dcm"), str(tmp_path / "mono1")]
+  # 8 steps leave the probabilities within ~1e-3 of 0.5, so agreement to 1e-5 alone could miss a
+  # small change of input (the JPEG round trip of these smooth images is nearly lossless): the
+  # stored bytes are compared exactly below.
+  np.testing.assert_allclose(probs[:n], table["probs"], rtol=0, atol=1e-5)
+  np.testing.assert_allclose(probs[n + 1], probs[n], rtol=0, atol=1e-5)
+  # Each file is stored byte for byte as prepare stored it (size, filter, JPEG quality).
+  from spcl_jax.data.prepared_folder import LabelledSource
+  from spcl_jax.inference import images, model
+  test = LabelledSource(config.data.prepared, "test", "100")
+  stored = model.load_workdir(workdir).stored
+  assert [images.stored_bytes(raw / test.name(i), stored)[0] for i in range(len(test))] == [
+      test[i]["encoded"] for i in range(len(test))]
+  report = json.loads((tmp_path / "preds_report.json").read_text())
+  assert (report["images"], report["scored"]) == (n + 5, n + 2)
+  bad = {kind: [item["path"] for item in v["items"]] for kind, v in report["problems"].items()}
+  assert bad == {"too_small": [str(tmp_path / "tiny.png")],
+                 "undecodable": [str(tmp_path / "broken.png"), str(tmp_path / "missing.png")]}
+  # The classifier exported to timm scores the same (its .json carries the eval transform).
+  from spcl_jax.export import __main__ as export_cli
+  with contextlib.redirect_stdout(io.StringIO()):
+    assert export_cli.main(["--workdir", str(workdir), "--format", "timm",
+                            "--out", str(tmp_path / "clf.safetensors")]) == 0
+    assert predict.main(["--model", str(tmp_path / "clf.safetensors"), "--images",
+                         str(raw.parent / "images"), "--out", str(tmp_path / "exported.csv")]) == 0
+  with open(tmp_path / "exported.csv", newline="") as f:
+    exported = {r["path"]: [float(r[f"prob_{c}"]) for c in table["classes"]]
+                for r in csv.DictReader(f)}
+  np.testing.assert_allclose([exported[str(raw / name)] for name in table["names"]],
+                             table["probs"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_report_draws_roc_and_training_curves_into_a_self_contained_html(nih_run, tmp_path):
+  import base64
+  import re
+  from PIL import Image
+  from spcl_jax.finetune import predictions
+  from spcl_jax.report import __main__ as report_cli
+  from spcl_jax.report import figures
+  _, workdir, outcome, _, _ = nih_run
+  with contextlib.redirect_stdout(io.StringIO()):
+    assert report_cli.main([str(workdir), "--out", str(tmp_path / "report")]) == 0
+  pngs = sorted((tmp_path / "report/figures").glob("*.png"))
+  assert [p.name.rsplit("_", 1)[-1] for p in pngs] == ["curves.png", "roc.png"]
+  for png in pngs:
+    assert Image.open(png).size[0] >= 600
+  # The legend's AUCs are results.json's per-class AUCs.
+  curves = figures.roc_curves(predictions.read_classification_csv(
+      workdir / outcome["predictions"]["test_best_val"]["file"]))
+  assert {k: v["auc"] for k, v in curves.items()} == pytest.approx(
+      outcome["test_at_best_val"]["per_class"], abs=1e-12)
+  steps, step_losses = figures.step_losses(workdir / "metrics.jsonl")
+  assert list(steps) == list(range(1, 9)) and dict(zip(steps, step_losses)) == losses(workdir)
+  page = (tmp_path / "report/report.html").read_text()
+  embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+  assert sorted(base64.b64decode(e) for e in embedded) == sorted(p.read_bytes() for p in pngs)
+  assert "Table 1: mAUC" in page and "<table>" in page
+  assert not re.search(r'(src|href)="(?!data:)', page)  # nothing to fetch: opens from disk
+
+
+@pytest.mark.slow
+def test_explain_writes_a_map_per_image_and_reports_bad_files(nih_run, tmp_path, capsys):
+  from spcl_jax import explain
+  config, workdir, outcome, _, _ = nih_run
+  raw = ff_prepared_dir(config).parent / "raw/images"
+  names = sorted(p.name for p in raw.glob("*.png"))[:3]
+  (tmp_path / "list.txt").write_text("\n".join([str(raw / n) for n in names] + ["gone.png"]))
+  with contextlib.redirect_stdout(io.StringIO()):
+    assert explain.main(["--workdir", str(workdir), "--images", str(tmp_path / "list.txt"),
+                         "--class", "Effusion", "--out", str(tmp_path / "maps"),
+                         "--steps", "4"]) == 0
+  for name in names:
+    stem = name.removesuffix(".png")
+    assert np.load(tmp_path / "maps" / f"{stem}.npy").shape == (2, 2)  # 32 px / patch 16
+    assert (tmp_path / "maps" / f"{stem}.png").stat().st_size > 0
+  report = json.loads((tmp_path / "maps/saliency_report.json").read_text())
+  assert report["explained"] == 3 and [p["kind"] for p in report["problems"]] == ["undecodable"]
+  code = explain.main(["--workdir", str(workdir), "--images", str(raw), "--class", "Fractures",
+                       "--out", str(tmp_path / "no")])
+  assert code != 0 and "--class 'Fractures' is not one of" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_test_split_is_scored_with_the_best_val_then_the_last_parameters(nih_run):
+  _, workdir, outcome, _, heads = nih_run
+  # This fixture's val score peaks at epoch 1 of 2, so the two test entries must come from
+  # different parameters: the best-on-val ones (WORKDIR/best), then the last checkpoint's.
+  assert outcome["val_best"]["epoch"] == 1
+  best, _ = checkpoint.restore_params(workdir / "best", 4)
+  last, _ = checkpoint.restore_params(workdir, 8)
+  assert not np.array_equal(best["head"]["kernel"], last["head"]["kernel"])
+  # predictions in order: val after epochs 1 and 2, val at the best epoch, test best, test last
+  np.testing.assert_array_equal(heads[3], best["head"]["kernel"])
+  np.testing.assert_array_equal(heads[4], last["head"]["kernel"])
+
+
+@pytest.mark.slow
+def test_export_takes_the_best_val_parameters_not_the_latest_checkpoint(nih_run, tmp_path):
+  from safetensors.numpy import load_file
+  from spcl_jax.export import export_checkpoint
+  _, workdir, outcome, _, heads = nih_run
+  assert outcome["val_best"]["step"] == 4 and checkpoint.available_steps(workdir)[-1] == 8
+  weights, sidecar = export_checkpoint(workdir, "timm", tmp_path / "clf.safetensors")
+  described = json.loads(sidecar.read_text())
+  assert (described["source"]["step"], described["source"]["selected"]) == (4, "best_val")
+  np.testing.assert_array_equal(load_file(str(weights))["head.weight"], heads[3].T)
+
+
 def ff_prepared_dir(config):
   import pathlib
   return pathlib.Path(config.data.prepared)
@@ -121,7 +297,7 @@ def ff_prepared_dir(config):
 
 @pytest.mark.slow
 def test_rerun_of_a_finished_run_does_nothing(nih_run, capsys):
-  config, workdir, outcome, _ = nih_run
+  config, workdir, outcome, _, _ = nih_run
   again, predicted = run(config, workdir)
   assert predicted == [] and again == json.loads(json.dumps(outcome))
   assert "nothing to do" in capsys.readouterr().out
@@ -134,7 +310,7 @@ class _StopAtStep3(StopRequest):
 
 @pytest.mark.slow
 def test_stopped_run_resumes_with_the_same_per_step_losses(nih_run, tmp_path):
-  config, reference_dir, reference, _ = nih_run
+  config, reference_dir, reference, _, _ = nih_run
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(engine, "StopRequest", _StopAtStep3)
     stopped, predicted = run(config, tmp_path)
@@ -152,7 +328,7 @@ def test_stopped_run_resumes_with_the_same_per_step_losses(nih_run, tmp_path):
 def test_chexpert_and_rsna_fine_tune_to_results(prepared, tmp_path, task):
   config = ff.finetune_config(task, prepared[task], epochs=1, **{"optim.warmup_epochs": 0})
   outcome, predicted = run(config, tmp_path)
-  assert predicted == [10, 5, 5]
+  assert predicted == [10, 10, 5, 5]
   expected_classes = {"chexpert": ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
                                    "Pleural Effusion"], "rsna": ["Pneumonia"]}[task]
   assert outcome["classes"] == expected_classes
@@ -307,7 +483,7 @@ class Killed(BaseException):
 @pytest.fixture(scope="module")
 def reference(nih_run):
   """The uninterrupted run: (config, workdir, results)."""
-  config, workdir, outcome, _ = nih_run
+  config, workdir, outcome, _, _ = nih_run
   return config, workdir, outcome
 
 
@@ -432,7 +608,7 @@ def test_a_bad_init_is_refused_before_anything_is_written(reference, tmp_path):
 def test_two_processes_of_four_devices_fine_tune_like_one_process_of_eight(nih_run, tmp_path):
   """launch/local_multiprocess.sh with the fine-tuning CLI: per-process data blocks, gathered
   eval outputs, process 0 alone writing; the same losses, val scores per epoch and results."""
-  config, reference_dir, _, _ = nih_run
+  config, reference_dir, _, _, _ = nih_run
   root = pathlib.Path(__file__).resolve().parents[1]
   env = {**os.environ, "PORT": str(24000 + os.getpid() % 1000), "DEVICES_PER_PROCESS": "4",
          "MODULE": "spcl_jax.finetune", "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",

@@ -103,7 +103,9 @@ def test_all_four_tables_from_results_files(runs_root):
   assert [t.name for t in built] == ["table1", "table2", "table3", "table4"]
   assert len(lines) == 8  # the seed_1 file sits below its run's own results.json
   table1, table2, table3, table4 = (by_method(t) for t in built)
-  assert set(table1) == {"vitb512", "mu64", "random init"}
+  assert set(table1) == {"vitb512", "mu64", "random init", tables.SPLIT_SCHEME_ROW}
+  schemes = table1[tables.SPLIT_SCHEME_ROW]
+  assert schemes["ChestX-ray14 1%"] == "paper" and schemes["CheXpert 1%"] == ""
 
   vitb = table1["vitb512"]
   config = runs_root["vitb_config"]
@@ -134,23 +136,24 @@ def test_all_four_tables_from_results_files(runs_root):
   assert list(table3["vitb512"])[2:] == [c.replace("_", " ") for c in NIH] + ["mAUC"]
   assert table3["vitb512"]["Pleural Thickening"] == f"{100 * class_aucs(NIH, 0.84)['Pleural_Thickening']:.2f}"
 
-  assert table4["vitb512"]["MGCA-style 1%"] == "19.00"  # dice_positive, the default
-  assert table4["vitb512"]["UperNet 512 100%"] == "32.50"
+  assert table4["vitb512"]["MGCA-style 1%"] == "38.00"  # dice_per_image, the default
+  assert table4["vitb512"]["UperNet 512 100%"] == "65.00"
   assert table4["vitb512"]["MGCA-style 100%"] == "" and table4["mu64"]["UperNet 512 100%"] == ""
   trivial = table4[tables.TRIVIAL_ROW]
-  assert trivial["MGCA-style 1%"] == "0.00" and trivial["MGCA-style 10%"] == ""
+  assert trivial["MGCA-style 1%"] == "75.00" and trivial["MGCA-style 10%"] == ""
 
 
 def test_selection_and_dice_options_pick_other_numbers(runs_root):
   built, _ = report_cli.build([str(runs_root["ft"])], selection="last_epoch",
-                              dice_metric="dice_per_image", per_class_fraction=1)
+                              dice_metric="dice_positive", per_class_fraction=1)
   table1, table2, table3, table4 = (by_method(t) for t in built)
   assert table1["random init"]["RSNA Pneu. 100%"] == "50.00"  # test_at_last_epoch
-  assert table4["vitb512"]["MGCA-style 1%"] == f"{100 * (0.38 - 0.1):.2f}"
-  assert table4[tables.TRIVIAL_ROW]["MGCA-style 1%"] == "75.00"
+  assert table4["vitb512"]["MGCA-style 1%"] == f"{100 * (0.38 / 2 - 0.1):.2f}"
+  assert table4[tables.TRIVIAL_ROW]["MGCA-style 1%"] == "0.00"
   assert table3["vitb512"]["Atelectasis"] == f"{100 * (0.78 - 0.1):.2f}"  # the 1% run
   assert table2["vitb512"]["Atelectasis"] == ""  # no 1% CheXpert run
-  assert "Dice (%): dice_per_image, the per-image Dice over all" in built[3].markdown()
+  assert "Dice (%): dice_positive, the mean Dice over the test images with" in (
+      built[3].markdown())
 
 
 def test_a_missing_run_is_an_empty_cell(runs_root, tmp_path, capsys):
@@ -159,7 +162,8 @@ def test_a_missing_run_is_an_empty_cell(runs_root, tmp_path, capsys):
   built, lines = report_cli.build([str(runs_root["ft"] / "nih_10"), str(unfinished)])
   assert "no results.json in or below" in capsys.readouterr().err
   assert len(lines) == 1
-  (row,) = read_csv(built[0].csv())
+  schemes, row = read_csv(built[0].csv())
+  assert schemes["Method"] == tables.SPLIT_SCHEME_ROW
   filled = {k for k, v in row.items() if v}
   assert "ChestX-ray14 10%" in filled
   assert not filled & {f"{d} {f}%" for d in ("ChestX-ray14", "CheXpert", "RSNA Pneu.")
@@ -234,3 +238,29 @@ def test_flops_come_from_config_json_and_an_old_one_leaves_the_cells_empty(tmp_p
   method = runs.describe_pretraining(workdir, "x")
   assert method.train_gflops_per_image is None and method.view_forward_gflops is None
   assert "records no FLOPs" in capsys.readouterr().err
+
+
+def test_protocol_and_pooling_get_rows_of_their_own_and_split_schemes_show_per_column(
+    runs_root, tmp_path):
+  vitb = runs_root["vitb"]
+  tmp_path = tmp_path / "variants"  # apart from runs_root's runs
+  for name, protocol, pool, base in (("cls", "classification", "cls", 0.8),
+                                     ("avg", "classification", "avg", 0.7),
+                                     ("linear", "linear", "cls", 0.6)):
+    result = write_result(tmp_path / name, "nih14", 10, vitb, base=base)
+    result.update(protocol=protocol, pool=pool)
+    (tmp_path / name / "results.json").write_text(json.dumps(result))
+  write_result(tmp_path / "chexpert", "chexpert", 10, vitb, split_scheme="official")
+  write_result(tmp_path / "chexpert_paper", "chexpert", 1, vitb, split_scheme="paper")
+  built, lines = report_cli.build([str(tmp_path)])
+  table1 = by_method(built[0])
+  nih = "ChestX-ray14 10%"
+  assert table1["vitb512 [full, pool cls]"][nih] == f"{100 * sum(class_aucs(NIH, 0.8).values()) / 14:.2f}"
+  assert table1["vitb512 [full, pool avg]"][nih] == f"{100 * sum(class_aucs(NIH, 0.7).values()) / 14:.2f}"
+  assert table1["vitb512 [linear, pool cls]"][nih] == f"{100 * sum(class_aucs(NIH, 0.6).values()) / 14:.2f}"
+  assert table1["vitb512"]["CheXpert 10%"] != ""  # no pooling named: the plain label
+  schemes = table1[tables.SPLIT_SCHEME_ROW]
+  assert (schemes["CheXpert 10%"], schemes["CheXpert 1%"], schemes[nih]) == (
+      "official", "paper", "paper")
+  assert {line["protocol"] for line in lines} == {"classification", "linear"}
+  assert all(line["metric"] == "macro_auc" for line in lines)

@@ -251,6 +251,38 @@ def test_mgca_run_lowers_the_loss_selects_on_val_and_writes_results(mgca_run):
     assert set(entry["trivial"]) == set(dice.METRICS)
   info = json.loads((workdir / "config.json").read_text())
   assert info["segmenter"]["protocol"] == "mgca"
+  # Per-image counts kept: the test Dice is recomputed from the CSV.
+  import csv
+  with open(workdir / saved["predictions"]["test_best_val"]["file"], newline="") as f:
+    rows = list(csv.DictReader(f))
+  counts = np.asarray([[int(r["intersection"]), int(r["true_pixels"]), int(r["predicted_pixels"])]
+                       for r in rows])
+  assert len(rows) == 5
+  assert dice.dice_scores(counts)["dice_positive"] == saved["test_at_best_val"]["dice_positive"]
+  np.testing.assert_allclose([float(r["predicted_area"]) for r in rows],
+                             counts[:, 2] / config.model.image_size ** 2)
+
+
+@pytest.mark.slow
+def test_predict_writes_masks_that_match_the_runs_test_counts(mgca_run, tmp_path):
+  import csv
+  import pathlib
+  from PIL import Image
+  from spcl_jax import predict
+  config, workdir, saved = mgca_run
+  with open(workdir / saved["predictions"]["test_best_val"]["file"], newline="") as f:
+    expected = {r["name"]: int(r["predicted_pixels"]) for r in csv.DictReader(f)}
+  raw = pathlib.Path(config.data.prepared).parent / "raw/dicom-images-train"
+  with contextlib.redirect_stdout(io.StringIO()):
+    assert predict.main(["--workdir", str(workdir), "--images", str(raw),
+                         "--out", str(tmp_path / "seg.csv")]) == 0
+  with open(tmp_path / "seg.csv", newline="") as f:
+    rows = {pathlib.Path(r["path"]).stem: r for r in csv.DictReader(f)}
+  assert len(rows) == 50
+  for name, pixels in expected.items():
+    mask = np.asarray(Image.open(rows[name]["mask"]))
+    assert mask.shape == (config.model.image_size,) * 2 and set(np.unique(mask)) <= {0, 255}
+    assert int(rows[name]["predicted_pixels"]) == pixels == int((mask == 255).sum())
 
 
 @pytest.mark.slow
@@ -354,3 +386,35 @@ def test_export_of_a_segmentation_workdir_says_it_is_not_supported(mgca_run, tmp
   _, workdir, _ = mgca_run
   with pytest.raises(ValueError, match="mgca segmentation model: exporting segmentation"):
     export.export_checkpoint(workdir, "timm", tmp_path / "seg.safetensors")
+
+
+def test_tokens_to_grid_drops_the_cls_and_keeps_patches_in_row_major_order():
+  grid, width = 3, 2
+  tokens = jnp.arange(2 * (1 + grid * grid) * width, dtype=jnp.float32).reshape(2, -1, width)
+  out = decoders.tokens_to_grid(tokens, grid)
+  assert out.shape == (2, grid, grid, width)
+  np.testing.assert_array_equal(out[:, 0, 0], tokens[:, 1])  # the CLS (token 0) is gone
+  np.testing.assert_array_equal(out[:, 2, 1], tokens[:, 1 + 2 * grid + 1])
+
+
+@pytest.mark.slow
+def test_upernet_fpn_levels_add_the_upsampled_coarser_levels():
+  # The finest FPN output sees the coarsest level only through the top-down pathway (the
+  # fused concat adds it separately, after fpn_0).
+  model = decoders.UperNet(channels=32)
+  rng = np.random.default_rng(0)
+  levels = [jnp.asarray(rng.normal(size=(1, s, s, 8)), jnp.float32) for s in (8, 4, 2, 2)]
+  variables = model.init(jax.random.key(0), levels)
+
+  @jax.jit
+  def fpn_0(levels):
+    _, state = model.apply(variables, levels, capture_intermediates=(
+        lambda module, _: module.name == "fpn_0"))
+    return state["intermediates"]["fpn_0"]["__call__"][0]
+  # (a shift by a constant would vanish in the GroupNorms: a random change does not)
+  coarser = [*levels[:3], jnp.asarray(rng.normal(size=levels[3].shape), jnp.float32)]
+  assert max_abs_diff_np(fpn_0(coarser), fpn_0(levels)) > 1e-3
+
+
+def max_abs_diff_np(a, b):
+  return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))

@@ -32,7 +32,10 @@ def main(argv: list[str]) -> int:
   from spcl_jax.finetune.steps import build_finetuning  # pylint: disable=g-import-not-at-top
   from spcl_jax.finetune.trainer import finetune_flops_per_image  # pylint: disable=g-import-not-at-top
 
+  from spcl_jax.finetune.recipe import resolve_pool  # pylint: disable=g-import-not-at-top
+
   config = _FLAGS.config
+  config.model.pool = resolve_pool(config.model.pool, "random")  # no init is read here
   mesh = sharding.make_mesh(config)
   validate_finetune_config(config, num_batch_shards=sharding.num_batch_shards(config, mesh),
                            process_count=jax.process_count())

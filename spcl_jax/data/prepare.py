@@ -1,5 +1,8 @@
 """python -m spcl_jax.data.prepare DATASET --src RAW_DIR --out OUT_DIR [--image-size 512] [--workers N]
        python -m spcl_jax.data.prepare DATASET --out OUT_DIR --splits-only [--src RAW_DIR]
+       python -m spcl_jax.data.prepare csv --src labels.csv --image-root DIR --out OUT_DIR
+           --label-columns A,B,C --uncertain zeros|ones|exclude [--patient-column P]
+           [--view-column V --views frontal] [--image-column path]   (your own data: custom_csv)
 
 Turns one raw download (see docs/datasets.md) into OUT_DIR/:
   splits/*.txt, splits/SHA256SUMS  image names per split, a function of the metadata alone
@@ -30,7 +33,7 @@ from spcl_jax import command_line, errors
 from spcl_jax.atomic_file import local_output
 from spcl_jax.data import decode
 from spcl_jax.data import splits as splits_lib
-from spcl_jax.data.datasets import DATASET_NAMES, dataset_module
+from spcl_jax.data.datasets import DATASET_NAMES, custom_csv, dataset_module
 from spcl_jax.data.datasets import manifest as mf
 from spcl_jax.data.datasets import records
 
@@ -61,10 +64,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--splits-only", action="store_true",
                       help="rewrite the split files of a finished OUT_DIR from the metadata; "
                       "images and records are left as they are")
+  own = parser.add_argument_group("your own data (DATASET csv; see spcl_jax.data.datasets."
+                                   "custom_csv)")
+  own.add_argument("--image-root", help="the folder the CSV's image paths are relative to")
+  own.add_argument("--label-columns", help="the label columns, comma-separated: the classes")
+  own.add_argument("--uncertain", choices=custom_csv.UNCERTAIN_POLICIES,
+                   help="what an uncertain (-1) or blank label cell becomes (required)")
+  own.add_argument("--image-column", default=None, help="the column of image paths (default path)")
+  own.add_argument("--patient-column", help="patient ids (default: every image its own patient)")
+  own.add_argument("--view-column", help="view positions (default: every image frontal)")
   parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
   args = parser.parse_args(argv)
   if args.src is None and not args.splits_only:
     parser.error("--src is required (except with --splits-only)")
+  own_flags = [f"--{key.replace('_', '-')}" for key in custom_csv.SETTINGS
+               if getattr(args, key) is not None]
+  if args.dataset != "csv" and own_flags:
+    parser.error(f"{own_flags[0]} is for the csv dataset only")
+  if args.dataset == "csv" and not args.splits_only:
+    for key in ("image_root", "label_columns", "uncertain"):
+      if getattr(args, key) is None:
+        parser.error(f"csv needs --{key.replace('_', '-')}")
   return args
 
 
@@ -122,10 +142,31 @@ def splits_or_exit(module, manifest: mf.Manifest, views: str, src: pathlib.Path
 
 
 def _settings_of(args: argparse.Namespace) -> dict:
-  return {"dataset": args.dataset, "views": args.views,
-          **dataclasses.asdict(records.EncodeSettings(args.image_size, args.encoding,
-                                                      resize_filter=args.resize_filter,
-                                                      min_side=args.min_side))}
+  settings = {"dataset": args.dataset, "views": args.views,
+              **dataclasses.asdict(records.EncodeSettings(args.image_size, args.encoding,
+                                                          resize_filter=args.resize_filter,
+                                                          min_side=args.min_side))}
+  if args.dataset == "csv":
+    settings.update(_csv_settings(args))
+  return settings
+
+
+def _csv_settings(args: argparse.Namespace) -> dict:
+  """The csv dataset's options, as report.json keeps them (its classes among them)."""
+  src = pathlib.Path(args.src).expanduser()
+  if not src.is_file():
+    raise SystemExit(f"error: --src {str(src)!r}: the csv dataset reads a CSV file")
+  root = pathlib.Path(args.image_root).expanduser()
+  if not root.is_dir():
+    raise SystemExit(f"error: --image-root {str(root)!r} is not a folder")
+  image_column = args.image_column or "path"
+  columns = [c.strip() for c in args.label_columns.split(",") if c.strip()]
+  if not columns:
+    raise SystemExit("error: --label-columns names no column")
+  return {"image_root": str(root.resolve()), "label_columns": columns,
+          "image_column": image_column, "patient_column": args.patient_column,
+          "view_column": args.view_column, "uncertain": args.uncertain,
+          "image_format": custom_csv.image_format_of(src, image_column)}
 
 
 def finished_report(out: pathlib.Path, settings: dict) -> dict | None:
@@ -241,10 +282,10 @@ def prepare(args: argparse.Namespace) -> dict:
   if report is not None:
     print(f"{str(out)!r} is already prepared with these settings: nothing to do.")
     return report
-  if not src.is_dir():
+  if not src.is_dir() and args.dataset != "csv":
     raise SystemExit(f"error: --src {str(src)!r} is not a folder")
   start = time.time()
-  module = dataset_module(args.dataset)
+  module = dataset_module(args.dataset, settings)
   metadata = module.read_manifest(src, check_files=False)
   splits = splits_or_exit(module, metadata, args.views, src)
   manifest = module.read_manifest(src, check_files=True)
@@ -253,7 +294,8 @@ def prepare(args: argparse.Namespace) -> dict:
                     key=lambda entry: entry.name)
   out.mkdir(parents=True, exist_ok=True)
   digests = splits_lib.write_split_files(out / "splits", splits)
-  written = build_records(module, args, src, out, selected, manifest.problems)
+  images = getattr(module, "IMAGE_ROOT", src)  # csv: --src is the CSV, the images lie apart
+  written = build_records(module, args, images, out, selected, manifest.problems)
   write_records_index(out / RECORDS_INDEX, written)
   patient_of = {entry.name: entry.patient
                 for entry in select_views(metadata.entries, args.views, None)}
@@ -284,9 +326,9 @@ def rewrite_splits(args: argparse.Namespace) -> dict:
     raise SystemExit(f"error: {str(out)!r} holds {report['settings']['dataset']}, not "
                      f"{args.dataset}")
   src = pathlib.Path(args.src or report["src"]).expanduser()
-  if not src.is_dir():
+  if not src.is_dir() and args.dataset != "csv":
     raise SystemExit(f"error: --src {str(src)!r} is not a folder")
-  module = dataset_module(args.dataset)
+  module = dataset_module(args.dataset, report["settings"])
   metadata = module.read_manifest(src, check_files=False)
   views = report["settings"]["views"]
   splits = splits_or_exit(module, metadata, views, src)

@@ -99,7 +99,7 @@ class PreparedFolder:
     if not self.report.get("complete"):
       raise ValueError(f"{str(self.out_dir)!r}: preparation did not finish; run it again")
     self.dataset = self.report["settings"]["dataset"]
-    dataset_module(self.dataset)  # Fails early on an unknown dataset name.
+    dataset_module(self.dataset, self.report["settings"])  # Fails early on an unknown name.
     self.names, self.views, self.patients, self.codes = self._read_index()
     self._data_source = None  # Opened lazily: cheap to pickle into grain workers.
 
@@ -115,7 +115,8 @@ class PreparedFolder:
 
   @property
   def module(self):
-    return dataset_module(self.dataset)  # Not an attribute: modules do not pickle.
+    # Not an attribute: modules do not pickle. A csv folder's classes come from its settings.
+    return dataset_module(self.dataset, self.report["settings"])
 
   def tfds_dir(self) -> pathlib.Path:
     name = records.builder_name(self.dataset)

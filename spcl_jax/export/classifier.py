@@ -101,6 +101,7 @@ def describe_classifier(finetuned: FineTuned, in_chans: int) -> dict[str, Any]:
       "timm_class": "timm.models.vision_transformer.VisionTransformer",
       "timm_kwargs": classifier_kwargs(finetuned, in_chans),
       "classes": finetuned.classes,
+      "pool": finetuned.pool,  # as resolved at fine-tuning (config.model.pool 'auto' -> cls/avg)
       "outputs": "logits, one per class in 'classes' order; sigmoid gives probabilities",
       "image_size": image_size,
       "in_chans": in_chans,
@@ -110,6 +111,13 @@ def describe_classifier(finetuned: FineTuned, in_chans: int) -> dict[str, Any]:
           "eval": f"grayscale, short side resized to {image_size} / "
                   f"{config.get('data', {}).get('eval_crop_fraction')} (bicubic, rounded down), "
                   f"centre crop {image_size}; x = (u8 / 255 - mean) / std",
+      },
+      # What `python -m spcl_jax.predict --model OUT.safetensors` replays: the prepared
+      # folder's stored size and encoding, then the fine-tuning eval resize + centre crop.
+      "eval_transform": {
+          "resize_filter": config.get("data", {}).get("resize_filter"),
+          "crop_fraction": config.get("data", {}).get("eval_crop_fraction"),
+          "stored_images": info["classifier"].get("stored_images"),
       },
       "source": {"workdir": str(finetuned.workdir), "step": finetuned.step,
                  "selected": finetuned.selected, "task": info["classifier"]["task"],

@@ -18,7 +18,7 @@ from ml_collections import config_flags
 from spcl_jax import command_line
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "configs/finetune/{nih14,chexpert,rsna,siim}.py[:preset]",
+config_flags.DEFINE_config_file("config", None, "configs/finetune/{nih14,chexpert,rsna,siim,custom}.py[:preset]",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results.json go.")
 flags.DEFINE_integer("seeds", 1, "Seeds to run (config.seed, config.seed + 1, ...).")

@@ -9,7 +9,7 @@ from spcl_jax.data.decode import resize_filter_names
 from spcl_jax.downstream import (CHEXPERT_POLICIES, LABEL_FRACTIONS, SEGMENTATION_TASKS,
                                  SPLIT_SCHEMES, TASK_DATASETS, protocols_of)
 from spcl_jax.errors import ConfigError
-from spcl_jax.finetune.model import POOLS
+from spcl_jax.finetune.recipe import POOL_CHOICES
 from spcl_jax.models.vit import variant_dims
 
 
@@ -39,6 +39,11 @@ def validate_finetune_config(config: ml_collections.ConfigDict, *, num_batch_sha
       _require(config.loss[field] >= 0, f"config.loss.{field}={config.loss[field]!r} must be >= 0")
     _require(config.loss.bce_weight + config.loss.dice_weight > 0,
              "config.loss.bce_weight + config.loss.dice_weight must be > 0")
+  _require(not (config.get("protocol") == "classification"
+                and config.optim.get("freeze_encoder", False)),
+           "config.optim.freeze_encoder=True with config.protocol='classification' (full "
+           "fine-tuning): use config.protocol='linear' for a frozen encoder")
+  _validate_low_label(config)
   _require(config.label_fraction in LABEL_FRACTIONS,
            f"config.label_fraction={config.label_fraction!r} must be one of {LABEL_FRACTIONS}")
   _require(config.split_scheme in SPLIT_SCHEMES,
@@ -48,7 +53,8 @@ def validate_finetune_config(config: ml_collections.ConfigDict, *, num_batch_sha
   _require(config.chexpert_policy in CHEXPERT_POLICIES,
            f"config.chexpert_policy={config.chexpert_policy!r} must be one of "
            f"{CHEXPERT_POLICIES}")
-  for field in ("epochs", "batch_size", "log_every_steps", "checkpoint_every_steps",
+  for field in ("epochs", "batch_size", "val_every_epochs", "log_every_steps",
+                "checkpoint_every_steps",
                 "max_checkpoints_to_keep", "bootstrap_samples"):
     value = config[field]
     _require(isinstance(value, int) and value >= 1,
@@ -75,8 +81,8 @@ def validate_finetune_config(config: ml_collections.ConfigDict, *, num_batch_sha
            f"config.model.channels={config.model.channels!r}: fine-tuning reads grayscale, so 1")
   _require(config.model.dtype in COMPUTE_DTYPES,
            f"config.model.dtype={config.model.dtype!r} must be one of {COMPUTE_DTYPES}")
-  _require(config.model.pool in POOLS,
-           f"config.model.pool={config.model.pool!r} must be one of {POOLS}")
+  _require(config.model.pool in POOL_CHOICES,
+           f"config.model.pool={config.model.pool!r} must be one of {POOL_CHOICES}")
   _require(0 <= config.model.drop_path_rate < 1,
            f"config.model.drop_path_rate={config.model.drop_path_rate!r} must be in [0, 1)")
   _require(config.data.resize_filter in resize_filter_names(),
@@ -91,3 +97,14 @@ def validate_finetune_config(config: ml_collections.ConfigDict, *, num_batch_sha
   _require(config.batch_size % process_count == 0,
            f"config.batch_size={config.batch_size} is not divisible by the {process_count} "
            "processes")
+
+
+def _validate_low_label(config: ml_collections.ConfigDict) -> None:
+  rule = config.get("low_label")
+  _require(rule is not None and isinstance(rule.get("enabled"), bool),
+           "config.low_label.enabled must be True or False (configs/finetune/common.py)")
+  for field in ("min_steps_per_epoch", "min_batch_size", "min_total_steps",
+                "val_images_per_train_image"):
+    value = rule.get(field)
+    _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+             f"config.low_label.{field}={value!r} must be a positive integer")

@@ -18,6 +18,7 @@ Like pre-training, the train order and every augmentation draw are a pure functi
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 from typing import Any
 
@@ -26,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from spcl_jax.data import pipeline
+from spcl_jax.data.datasets.records import EncodeSettings
 from spcl_jax.data.decode import decode_image
 from spcl_jax.data.prepared_folder import LabelledSource
 from spcl_jax.downstream import SPLIT_SCHEMES
@@ -111,6 +113,13 @@ def split_hashes(sources: dict[str, LabelledSource]) -> dict[str, str]:
 
 def stored_image_size(source: LabelledSource) -> int:
   return int(source.folder.report["settings"]["image_size"])
+
+
+def stored_image_settings(source: LabelledSource) -> dict[str, Any]:
+  """How prepare stored the images (size, encoding, quality, filter): `records.EncodeSettings`."""
+  settings = source.folder.report["settings"]
+  return {field.name: settings[field.name] for field in dataclasses.fields(EncodeSettings)
+          if field.name in settings}
 
 
 class TrainTransform(grain.transforms.RandomMap):

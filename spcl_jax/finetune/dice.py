@@ -5,9 +5,11 @@ every Dice below is a function of them, so a 512 x 512 test split costs kilobyte
 
   dice_per_image  mean over all images of 2|T&P| / (|T| + |P|); an image with an empty truth
                   scores 1 if the prediction is empty too and 0 otherwise (Kaggle's SIIM rule).
-                  About 78% of SIIM images are empty, so predicting nothing scores ~0.78 here.
-  dice_positive   the same mean over the images whose truth is not empty (MGCA, GLoRIA report
-                  this kind of number): empty predictions cannot score here.
+                  The number GLoRIA, MGCA and MedKLIP report, and Table 4's default
+                  (`python -m spcl_jax.report --dice`). About 78% of SIIM images are empty, so
+                  predicting nothing scores ~0.78 here: read it beside the trivial scores.
+  dice_positive   the same mean over the images whose truth is not empty: empty predictions
+                  cannot score here, so fine-tuning selects its checkpoint on it (val).
   dice_global     2 sum|T&P| / (sum|T| + sum|P|), every pixel of the split pooled.
 `trivial_scores` is the all-empty prediction's three scores on the same truths: the floor a
 model has to beat, reported beside every result.

@@ -3,9 +3,10 @@
 Pooling (`config.model.pool`):
   avg  mean of the patch tokens (CLS excluded) through a new LayerNorm `fc_norm`; the encoder's
        final norm is not applied (and not a parameter). timm `global_pool='avg', fc_norm=True`,
-       what Medical MAE fine-tunes (`models_vit.py`, `global_pool=True`). The default.
+       what Medical MAE fine-tunes (`models_vit.py`, `global_pool=True`).
   cls  the CLS token through the encoder's final norm: the token S-PCL trained. timm
        `global_pool='token'`.
+The config's default 'auto' is resolved before the model is built (`recipe.resolve_pool`).
 Parameters: {'encoder': ViT params (big_vision names), ['fc_norm'], 'head': {kernel, bias}}.
 The head starts at trunc_normal(std=2e-5) and zero bias (Medical MAE `main_finetune_chestxray.py`
 `trunc_normal_(model.head.weight, std=2e-5)`): near-zero logits, so the pre-trained features

@@ -4,9 +4,10 @@
   label values on val and test, the init's shapes) before anything is written -> the engine
   (`spcl_jax.engine`: lock, resume config check, restore, loop, checkpoints, SIGTERM) runs
   `FineTuningRun`: per step a global batch, step key = fold_in(train key, step), the jitted
-  step; at each epoch end the workload's selection metric on `val` (macro AUC; Dice over the
-  images with a pneumothorax), the best-on-val parameters kept in WORKDIR/best, then the
-  checkpoint -> after the last epoch: `test` scored once with the best-on-val parameters (and
+  step; every config.val_every_epochs epochs (the low-label rule's, `recipe`) and after the
+  last, the workload's selection metric on `val` (macro AUC; Dice over the images with a
+  pneumothorax), the best-on-val parameters kept in WORKDIR/best, then the checkpoint -> at
+  the end: `test` scored once with the best-on-val parameters (and
   once with the last ones) -> WORKDIR/results.json.
 
 The test split is read only after training: nothing during training depends on it. The
@@ -17,6 +18,7 @@ checkpoint; on resume, epochs after the checkpoint are dropped and recomputed (i
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import time
 from collections.abc import Sequence
@@ -29,7 +31,7 @@ import numpy as np
 from spcl_jax import auc, checkpoint, engine, metrics, run_info, sharding, steps
 from spcl_jax.downstream import RESULTS_FILE, RESULTS_FORMAT, TASK_DATASETS
 from spcl_jax.errors import ConfigError
-from spcl_jax.finetune import data, results
+from spcl_jax.finetune import data, predictions, recipe, results
 from spcl_jax.finetune.configuration import validate_finetune_config
 from spcl_jax.finetune.initialization import encoder_for_classifier, load_init
 from spcl_jax.finetune.steps import FineTuning, build_finetuning
@@ -68,13 +70,18 @@ def predict(ft: FineTuning, params: Any, dataset: Any, num_images: int) -> np.nd
 
 
 def run_info_extra(config: ml_collections.ConfigDict, classes: Sequence[str],
-                   init: dict[str, Any]) -> dict[str, Any]:
-  """What config.json records beyond the config: what export needs for the head."""
-  if config.protocol == "classification":
-    return {"classifier": {"task": config.task, "pool": config.model.pool,
-                           "num_classes": len(classes), "classes": list(classes), "init": init}}
+                   init: dict[str, Any], stored: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
+  """What config.json records beyond the config: what export needs for the head, and how the
+  prepared folder stored its images (`stored`: what `spcl_jax.predict` replays on new files)."""
+  kept = {} if stored is None else {"stored_images": stored}
+  if recipe.is_classification(config.protocol):
+    return {"classifier": {"task": config.task, "protocol": config.protocol,
+                           "pool": config.model.pool,
+                           "num_classes": len(classes), "classes": list(classes), "init": init,
+                           **kept}}
   return {"segmenter": {"task": config.task, "protocol": config.protocol,
-                        "classes": list(classes), "init": init}}
+                        "classes": list(classes), "init": init, **kept}}
 
 
 class Selection:
@@ -116,11 +123,23 @@ class Start:
               "pre-training run's (WORKDIR/config.json)", flush=True)
     self.sources = _checked_sources(config)
     self.classes = list(self.sources["train"].label_names)
-    self.steps_per_epoch = len(self.sources["train"]) // config.batch_size
-    if self.steps_per_epoch < 1:
-      raise ConfigError(f"config.batch_size={config.batch_size} is larger than the "
-                        f"{len(self.sources['train'])} training images at label_fraction="
-                        f"{config.label_fraction}: lower it")
+    # pool 'auto', protocol 'linear' and the low-label rule, written into the config (and so
+    # into config.json) before anything else reads it
+    try:
+      schedule, changes = recipe.resolve(
+          config, init_kind=self.init.kind, num_train=len(self.sources["train"]),
+          num_val=len(self.sources["val"]),
+          batch_multiple=math.lcm(sharding.num_batch_shards(config, self.mesh),
+                                  jax.process_count()))
+    except ValueError as e:
+      raise ConfigError(f"{e} (label_fraction={config.label_fraction})") from None
+    self.steps_per_epoch = schedule.steps_per_epoch
+    self.train_positives = results.positives_per_class(self.sources["train"].targets,
+                                                       self.classes)
+    if jax.process_index() == 0:
+      warning = results.missing_positives_warning(self.train_positives, config.label_fraction)
+      for line in [*changes, *([warning] if warning else [])]:
+        print(line, flush=True)
     self.ft = build_finetuning(config, self.mesh, len(self.classes), self.steps_per_epoch)
     self.encoder = None  # the init's encoder, checked against the model's shapes now
     if self.init.encoder_params is not None:
@@ -137,7 +156,7 @@ def _checked_sources(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if dataset != TASK_DATASETS[config.task]:
     raise ConfigError(f"config.data.prepared={config.data.prepared!r} holds {dataset}, but "
                       f"config.task={config.task!r} reads {TASK_DATASETS[config.task]}")
-  if config.protocol == "classification":
+  if recipe.is_classification(config.protocol):
     for split in ("val", "test"):
       auc.require_both_values(sources[split].targets, sources[split].label_names,
                               split=f"the {split} split", advice=CLASS_ADVICE)
@@ -188,7 +207,8 @@ class FineTuningRun:
           f"{workdir}", flush=True)
 
   def run_info_extra(self) -> dict[str, Any]:
-    return run_info_extra(self.config, self.classes, self.start.init.describe())
+    return run_info_extra(self.config, self.classes, self.start.init.describe(),
+                          data.stored_image_settings(self.sources["train"]))
 
   def init_state(self) -> steps.TrainState:
     return self.ft.init_state(self.keys["init"], self.start.encoder)
@@ -218,7 +238,9 @@ class FineTuningRun:
     return {**values, "epoch": step / self.steps_per_epoch}
 
   def is_save_point(self, step: int) -> bool:
-    return step % self.steps_per_epoch == 0
+    """Val (and a checkpoint) every val_every_epochs epochs and after the last (recipe.py)."""
+    epoch, rest = divmod(step, self.steps_per_epoch)
+    return rest == 0 and (epoch % self.config.val_every_epochs == 0 or step == self.total_steps)
 
   def before_save(self, step: int, state: steps.TrainState, session: engine.Session) -> None:
     if self.is_save_point(step):
@@ -262,7 +284,10 @@ class FineTuningRun:
     return {"stopped_at_step": int(jax.device_get(state.step))}
 
   def finish(self, state: steps.TrainState, session: engine.Session) -> dict[str, Any]:
-    summary = _test_and_report(self, state)
+    writer = predictions.PredictionWriter(session.workdir, self.workload.protocol, self.classes,
+                                          self.config.model.image_size, enabled=session.is_main)
+    summary = _test_and_report(self, state, writer)
+    summary["train_positives"] = self.start.train_positives
     summary.update({k: session.clock.update()[k] for k in ("accelerator_seconds", "device_kind",
                                                             "num_devices")})
     if session.is_main:
@@ -296,9 +321,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   (run_info.FINETUNE_FREE lists the free ones).
   """
   workdir = as_path(workdir)  # a gs:// URL stays a URL (never a local folder 'gs:')
-  if jax.process_index() == 0:  # read-only, and cheap: refuse a bad resume before reading data
-    run_info.check_resume(workdir, config, allow_config_changes, run_info.FINETUNING)
+  # Start first: it resolves the config (recipe: pool, low-label rule) as config.json has it.
   start = Start(config)
+  if jax.process_index() == 0:  # read-only: refuse a bad resume before anything is written
+    run_info.check_resume(workdir, config, allow_config_changes, run_info.FINETUNING)
   return engine.run(FineTuningRun(config, start), workdir, restore_step=restore_step,
                     allow_config_changes=allow_config_changes)
 
@@ -332,8 +358,10 @@ def train_seeds(config: ml_collections.ConfigDict, workdir: str, num_seeds: int,
   return summary
 
 
-def _test_and_report(run: FineTuningRun, state: steps.TrainState) -> dict[str, Any]:
-  """The test split, scored once at the best-on-val parameters and once at the last ones."""
+def _test_and_report(run: FineTuningRun, state: steps.TrainState,
+                     writer: predictions.PredictionWriter) -> dict[str, Any]:
+  """The test split, scored once at the best-on-val parameters and once at the last ones;
+  the per-image outputs of val (at best-val) and of both test scorings kept by `writer`."""
   config, ft, workload = run.config, run.ft, run.workload
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
   test_ds = data.eval_dataset(config, run.sources["test"], **process)
@@ -342,10 +370,13 @@ def _test_and_report(run: FineTuningRun, state: steps.TrainState) -> dict[str, A
   if best_step != best["step"]:
     raise RuntimeError(f"{run.best_manager.directory} holds step {best_step}, but the best val "
                        f"epoch ended at step {best['step']}")
+  writer.write("val", "best_val", run.sources["val"],
+               predict(ft, best_params, run.val_ds, len(run.sources["val"])))
   entries = {}
   for name, params, step in (("test_at_best_val", best_params, best["step"]),
                              ("test_at_last_epoch", state.params, run.total_steps)):
     outputs = predict(ft, params, test_ds, len(run.sources["test"]))
+    writer.write("test", name.removeprefix("test_at_"), run.sources["test"], outputs)
     engine.at_moment("test", step)
     entries[name] = workload.test_entry(step // run.steps_per_epoch, step, run.sources["test"],
                                         outputs, run.classes, config)
@@ -355,11 +386,13 @@ def _test_and_report(run: FineTuningRun, state: steps.TrainState) -> dict[str, A
       "protocol": workload.protocol,
       "label_fraction": int(config.label_fraction),
       "split_scheme": config.split_scheme,
+      "pool": config.model.pool if recipe.is_classification(workload.protocol) else None,
       "init": run.start.init.describe(),
       "metric": workload.metric,
       "classes": run.classes,
       "val_best": {k: best[k] for k in ("epoch", "step", *workload.val_keys())},
       **entries,
+      "predictions": writer.listing(),
       "seeds": [int(config.seed)],
       "config": json.loads(config.to_json_best_effort()),
       "split_hashes": data.split_hashes(run.sources),

@@ -2,7 +2,9 @@
 call ("task" is the benchmark, config.task: nih14, chexpert, rsna, siim).
 
   classification  Classifier (pool + linear head); BCE with logits; eval keeps the logits;
-                  scored by macro AUC (with a bootstrap interval on test); selects on val AUC.
+                  scored by macro AUC (with a bootstrap interval on test, over patients where
+                  the dataset has them); selects on val AUC. Protocols 'classification' (full
+                  fine-tuning) and 'linear' (frozen encoder): one task, two table rows.
   segmentation    Segmenter (ViT + decoder, `decoders`); Dice + BCE per pixel; eval keeps per
                   image |T&P|, |T|, |P| at threshold 0.5 (`dice`); selects on val dice_positive.
 Everything else (data pipeline, LLRD AdamW, selection, results.json) is fine-tuning's, and
@@ -33,6 +35,7 @@ from spcl_jax.downstream import SEGMENTATION_TASKS
 from spcl_jax.finetune import dice, results
 from spcl_jax.finetune.decoders import DECODERS, build_segmenter
 from spcl_jax.finetune.model import build_classifier
+from spcl_jax.finetune.recipe import is_classification
 
 SOFT_DICE_SMOOTH = 1.0  # keeps 1 - Dice finite (and = 0) on a batch with no foreground at all
 
@@ -51,7 +54,7 @@ def soft_dice_loss(logits: jax.Array, masks: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Classification:
-  protocol = "classification"
+  protocol: str = "classification"  # or "linear" (recipe.CLASSIFICATION_PROTOCOLS)
   metric = "macro_auc"
   target = "label"  # the batch field the loss compares with
 
@@ -73,7 +76,8 @@ class Classification:
   def test_entry(self, epoch: int, step: int, source, outputs: np.ndarray, classes,
                  config: ml_collections.ConfigDict) -> dict[str, Any]:
     return results.scored_with_ci(epoch, step, source.targets, outputs, classes,
-                                  samples=config.bootstrap_samples, seed=config.seed)
+                                  samples=config.bootstrap_samples, seed=config.seed,
+                                  groups=results.bootstrap_groups(source))
 
   def val_keys(self) -> tuple[str, ...]:
     return ("macro_auc", "per_class")
@@ -144,6 +148,6 @@ def workload_for(config: ml_collections.ConfigDict):
                        f"one of {tuple(DECODERS)}")
     return Segmentation(config.protocol, float(config.loss.bce_weight),
                         float(config.loss.dice_weight))
-  if config.protocol != "classification":
+  if not is_classification(config.protocol):
     raise ValueError(f"config.protocol={config.protocol!r}: {config.task} is classification")
-  return Classification()
+  return Classification(config.protocol)

@@ -1,22 +1,28 @@
 """python -m spcl_jax.report RUN_DIRS... --out DIR [--name PATH=LABEL]... [--at best_val]
-      [--per-class-fraction 100] [--dice dice_positive]
+      [--per-class-fraction 100] [--dice dice_per_image]
 
 RUN_DIRS: fine-tuning workdirs (each with a results.json), results.json files, or folders of
 runs (searched recursively). Writes to DIR: table1..table4 as .md and .csv, tables.md (all four)
 and runs.csv (one line per results file, with what each cell came from); prints tables.md.
+Also, per run (per seed of a multi-seed run), figures/<run>_roc.png (ROC curve per class, test
+at the best val epoch, AUC in the legend) and figures/<run>_curves.png (loss per step, val
+metric per epoch; `report.figures`), and report.html: tables and figures on one page that opens
+from disk (images embedded).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import pathlib
+import re
 import sys
 from collections.abc import Sequence
 
 from spcl_jax import command_line, downstream
 from spcl_jax.atomic_file import local_output
-from spcl_jax.report import runs, tables
+from spcl_jax.report import figures, html_page, runs, tables
 
 RUNS_COLUMNS = ("results", "method", "task", "protocol", "label_fraction", "split_scheme",
                 "seeds", "metric", "test", "test_std", "val_best", "test_images", "init_kind",
@@ -25,7 +31,7 @@ RUNS_COLUMNS = ("results", "method", "task", "protocol", "label_fraction", "spli
 
 
 def build(run_dirs: Sequence[str], *, names: Sequence[str] = (), selection: str = "best_val",
-          per_class_fraction: int = 100, dice_metric: str = "dice_positive"
+          per_class_fraction: int = 100, dice_metric: str = "dice_per_image"
           ) -> tuple[list[tables.Table], list[dict[str, object]]]:
   """The four tables and the runs.csv lines, from the results under `run_dirs`."""
   namer = runs.MethodNamer(runs.parse_names(names))
@@ -77,6 +83,35 @@ def write(out: pathlib.Path, built: list[tables.Table], lines: list[dict[str, ob
   return combined
 
 
+def _run_dirs(results_path: pathlib.Path, result: dict[str, object]) -> list[pathlib.Path]:
+  """The folders holding a run's own files: the run's, or each seed's of an aggregate."""
+  folder = results_path.parent
+  return [(folder / p).parent for p in result.get("per_seed", [])] or [folder]
+
+
+def write_figures(out: pathlib.Path, lines: list[dict[str, object]]
+                  ) -> tuple[list[dict[str, object]], list[str]]:
+  """PNGs under OUT/figures for every run in `lines` (runs.csv's); what was drawn and skipped."""
+  folder = out / "figures"
+  folder.mkdir(parents=True, exist_ok=True)
+  drawn, skipped = [], []
+  for index, line in enumerate(lines):
+    results_path = pathlib.Path(str(line["results"]))
+    result = json.loads(results_path.read_text())
+    for run_dir in _run_dirs(results_path, result):
+      seed_result = json.loads((run_dir / downstream.RESULTS_FILE).read_text())
+      title = (f"{line['method']}: {line['task']} {line['protocol']} {line['label_fraction']}% "
+               f"({run_dir.name})")
+      stem = f"{index:02d}_" + re.sub(r"[^A-Za-z0-9._-]+", "_", f"{line['method']}_{line['task']}_"
+                                      f"{line['label_fraction']}pct_{run_dir.name}")
+      written, missing = figures.figures_for_run(run_dir, seed_result, title, folder, stem)
+      skipped += missing
+      if written:
+        drawn.append({"title": title, "results": run_dir / downstream.RESULTS_FILE,
+                      "figures": written})
+  return drawn, skipped
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = command_line.ArgumentParser(prog="python -m spcl_jax.report",
                                    description="The paper's Tables 1-4 from results.json files.")
@@ -90,10 +125,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="which test numbers: at the best validation epoch (default) or the last")
   parser.add_argument("--per-class-fraction", type=int, default=100, choices=downstream.LABEL_FRACTIONS,
                       help="label fraction of Tables 2 and 3 (default 100, as the paper)")
-  parser.add_argument("--dice", default="dice_positive", choices=tables.DICE_METRICS,
-                      help="Table 4's Dice (default: mean over test images with a pneumothorax, "
-                      "the metric segmentation selects on; dice_per_image averages over all "
-                      "images, empty ones included, as MGCA/MedKLIP)")
+  parser.add_argument("--dice", default="dice_per_image", choices=tables.DICE_METRICS,
+                      help="Table 4's Dice (default: per-image Dice averaged over all test "
+                      "images, empty ones included, what GLoRIA, MGCA and MedKLIP report; "
+                      "dice_positive: the mean over images with a pneumothorax, the metric "
+                      "segmentation selects on)")
   parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
   return parser.parse_args(argv)
 
@@ -106,9 +142,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     built, lines = build(args.run_dirs, names=args.name, selection=args.at,
                          per_class_fraction=args.per_class_fraction, dice_metric=args.dice)
     combined = write(out, built, lines)
+    drawn, skipped = write_figures(out, lines)
+    (out / "report.html").write_text(html_page.render(built, drawn, skipped), encoding="utf-8")
     print(combined)
     print(f"wrote {len(built)} tables (.md, .csv), tables.md and runs.csv to {args.out} from "
-          f"{len(lines)} results file(s)")
+          f"{len(lines)} results file(s); figures of {len(drawn)} run(s) in "
+          f"{out / 'figures'} and {out / 'report.html'}")
+    for note in skipped:
+      print(f"  {note}")
     return 0
   # One `error:` line naming the file or field, not a traceback (spcl_jax.command_line).
   return command_line.run_command(report, debug=args.debug)

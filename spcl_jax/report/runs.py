@@ -3,7 +3,9 @@
 A results.json (format `spcl_jax.finetune.results/1`, written by `python -m spcl_jax.finetune`)
 names its pre-training run in `init.path`. The row it lands in is that run's label: the
 pre-training workdir's folder name by default, or LABEL from `--name PATH=LABEL`. Results of
-one pre-training run at different checkpoint steps get separate rows ("LABEL @ step S").
+one pre-training run at different checkpoint steps get separate rows ("LABEL @ step S"), and so
+do its classification results of another protocol or pooling ("LABEL [full, pool cls]", "LABEL
+[linear, pool avg]"): full fine-tuning and linear evaluation, cls and avg, never share a cell.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from spcl_jax import accelerator_time
-from spcl_jax.downstream import (LABEL_FRACTIONS, PROTOCOLS, RESULTS_FILE, RESULTS_FORMAT,
-                                 SELECTIONS, TASKS)
+from spcl_jax.downstream import (CLASSIFICATION_PROTOCOLS, LABEL_FRACTIONS, PROTOCOLS, RESULTS_FILE,
+                                 RESULTS_FORMAT, SELECTIONS, TASKS)
 
 # A workdir's config.json (run_info.FILENAME), read as JSON: the report never imports the model.
 CONFIG_FILE = "config.json"
+VARIANT_SEPARATOR = "\x01"  # in a row key: LABEL[\0STEP][\x01VARIANT]
 
 
 def find_results(run_dirs: Sequence[str]) -> list[pathlib.Path]:
@@ -104,6 +107,20 @@ def pretraining_workdir(path: str | None) -> pathlib.Path | None:
   return None
 
 
+def variant_label(result: dict[str, Any]) -> str:
+  """'full, pool cls' / 'linear, pool avg' for a classification result; '' where the file
+  names neither a linear protocol nor a pooling (older files), and for segmentation."""
+  protocol = result["protocol"]
+  if protocol not in CLASSIFICATION_PROTOCOLS:
+    return ""
+  model = result.get("config", {}).get("model", {})
+  pool = result.get("pool") or (model.get("pool") if isinstance(model, dict) else None)
+  if protocol == "classification" and not pool:
+    return ""
+  return ", ".join(["linear" if protocol == "linear" else "full",
+                    *([f"pool {pool}"] if pool else [])])
+
+
 def backbone_name(variant: str) -> str:
   return f"ViT-{variant}" if variant else ""
 
@@ -178,6 +195,9 @@ class MethodNamer:
     key = label
     if init.get("step") is not None and workdir is not None:
       key = f"{label}\0{init['step']}"
+    variant = variant_label(result)
+    if variant:
+      key += VARIANT_SEPARATOR + variant
     if key not in self.methods:
       self.methods[key] = (describe_pretraining(workdir, label) if workdir is not None
                            else Method(label=label, backbone=self._backbone(result)))
@@ -198,13 +218,19 @@ class MethodNamer:
 
 
 def final_labels(methods: dict[str, Method]) -> dict[str, str]:
-  """Internal key -> the row label; '@ step S' only where one label has several steps."""
-  by_label: dict[str, list[str]] = {}
+  """Internal key -> the row label; '@ step S' only where one label has several steps; the
+  protocol and pooling in brackets where the results name them."""
+  def parts(key: str) -> tuple[str, str | None, str]:
+    base, _, variant = key.partition(VARIANT_SEPARATOR)
+    label, _, step = base.partition("\0")
+    return label, step or None, variant
+  steps_of: dict[str, set[str | None]] = {}
   for key in methods:
-    by_label.setdefault(key.split("\0")[0], []).append(key)
+    label, step, _ = parts(key)
+    steps_of.setdefault(label, set()).add(step)
   shown = {}
-  for label, keys in by_label.items():
-    for key in keys:
-      step = key.split("\0")[1] if "\0" in key else None
-      shown[key] = f"{label} @ step {step}" if len(keys) > 1 and step is not None else label
+  for key in methods:
+    label, step, variant = parts(key)
+    text = f"{label} @ step {step}" if len(steps_of[label]) > 1 and step is not None else label
+    shown[key] = f"{text} [{variant}]" if variant else text
   return shown

@@ -14,7 +14,7 @@ from typing import Any
 
 from spcl_jax import downstream
 from spcl_jax.data.datasets import chexpert, nih_chestxray14
-from spcl_jax.downstream import LABEL_FRACTIONS, SELECTIONS
+from spcl_jax.downstream import CLASSIFICATION_PROTOCOLS, LABEL_FRACTIONS, SELECTIONS
 from spcl_jax.report.runs import Method, final_labels
 
 CLASSIFICATION_TASKS = tuple((task, downstream.TASK_TITLES[task])
@@ -32,6 +32,7 @@ DICE_METRICS = {
     "dice_global": "Dice of all test pixels pooled",
 }
 TRIVIAL_ROW = "all-empty prediction"
+SPLIT_SCHEME_ROW = "split scheme"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,12 @@ class Table:
     for row in self.rows:
       lines.append("| " + " | ".join(_markdown_cell(c) for c in row) + " |")
     return "\n".join(lines + [""] + [f"- {note}" for note in self.notes]) + "\n"
+
+  def with_columns(self, keep) -> Table:
+    """The table with only the columns whose name `keep(name)` accepts (e.g. one dataset)."""
+    kept = [i for i, name in enumerate(self.columns) if keep(name)]
+    return Table(self.name, self.title, [self.columns[i] for i in kept],
+                 [[row[i] for i in kept] for row in self.rows], self.notes)
 
   def csv(self) -> str:
     out = io.StringIO()
@@ -110,7 +117,11 @@ class Cells:
     self._cells: dict[tuple[str, str, str, int], tuple[dict[str, Any], pathlib.Path]] = {}
 
   def add(self, row: str, result: dict[str, Any], path: pathlib.Path) -> None:
-    key = (row, result["task"], result["protocol"], result["label_fraction"])
+    # Full fine-tuning and linear evaluation fill Table 1's columns in rows of their own.
+    protocol = result["protocol"]
+    if protocol in CLASSIFICATION_PROTOCOLS:
+      protocol = "classification"
+    key = (row, result["task"], protocol, result["label_fraction"])
     if key in self._cells:
       other = self._cells[key][1]
       raise ValueError(
@@ -153,16 +164,26 @@ class Cells:
         return score
     return None
 
-  def split_schemes(self, tasks: tuple[str, ...]) -> list[str]:
-    return sorted({r.get("split_scheme", "?") for (_, t, _, _), (r, _) in self._cells.items()
-                   if t in tasks})
+  def split_schemes(self, tasks: tuple[str, ...], fraction: int | None = None,
+                    protocol: str | None = None) -> list[str]:
+    return sorted({r.get("split_scheme", "?") for (_, t, p, f), (r, _) in self._cells.items()
+                   if t in tasks and fraction in (None, f) and protocol in (None, p)})
+
+
+def split_scheme_row(cells: Cells, columns: list[tuple[str, str, int]], leading: int) -> list:
+  """The table's first row: the split scheme(s) of each column's results (task, protocol, %)."""
+  row: list[Any] = [SPLIT_SCHEME_ROW] + [None] * (leading - 1)
+  for task, protocol, fraction in columns:
+    row.append(", ".join(cells.split_schemes((task,), fraction, protocol)) or None)
+  return row
 
 
 def _selection_note(cells: Cells, tasks: tuple[str, ...]) -> str:
   at = "the best validation epoch" if cells.section == "test_at_best_val" else "the last epoch"
   schemes = ", ".join(cells.split_schemes(tasks)) or "none yet"
   return (f"Test split at {at}, in percent; 'a ± b' is the mean ± std over seeds. Split "
-          f"scheme: {schemes}. An empty cell has no run.")
+          f"scheme: {schemes} (per column: the '{SPLIT_SCHEME_ROW}' row). An empty cell has no "
+          "run.")
 
 
 def table1(cells: Cells, methods: dict[str, Method]) -> Table:
@@ -170,14 +191,15 @@ def table1(cells: Cells, methods: dict[str, Method]) -> Table:
   columns = ["Method", "Backbone", "train GFLOPs/image", "fwd GFLOPs/view",
              "accelerator-hours", "accelerators"]
   columns += [f"{name} {f}%" for _, name in CLASSIFICATION_TASKS for f in LABEL_FRACTIONS]
-  rows = []
+  rows = [split_scheme_row(cells, [(t, "classification", f) for t, _ in CLASSIFICATION_TASKS
+                                   for f in LABEL_FRACTIONS], 6)]
   for key, method in methods.items():
     row = [labels[key], method.backbone, method.train_gflops_per_image,
            method.view_forward_gflops, method.accelerator_hours, method.accelerators or None]
     row += [cells.auc(key, task, f) for task, _ in CLASSIFICATION_TASKS for f in LABEL_FRACTIONS]
     rows.append(row)
   notes = [
-      "mAUC: macro-averaged ROC-AUC. " + _selection_note(cells, ("nih14", "chexpert", "rsna")),
+      "mAUC: macro-averaged ROC-AUC. " + _selection_note(cells, downstream.CLASSIFICATION_TASKS),
       "train GFLOPs/image: forward + backward of both masked views of one image in pre-training "
       "(spcl_jax.metrics.train_flops_per_image, recorded in its config.json; matmuls only); "
       "fwd GFLOPs/view: the forward of one view (its visible patches + CLS). Not the paper's "
@@ -205,10 +227,12 @@ def table4(cells: Cells, methods: dict[str, Method], metric: str) -> Table:
   labels = final_labels(methods)
   columns = ["Method", "Backbone"]
   columns += [f"{name} {f}%" for _, name in SEGMENTATION_PROTOCOLS for f in LABEL_FRACTIONS]
-  rows = [[labels[key], method.backbone,
-           *[cells.dice(key, protocol, f, metric)
-             for protocol, _ in SEGMENTATION_PROTOCOLS for f in LABEL_FRACTIONS]]
-          for key, method in methods.items()]
+  rows = [split_scheme_row(cells, [("siim", p, f) for p, _ in SEGMENTATION_PROTOCOLS
+                                   for f in LABEL_FRACTIONS], 2)]
+  rows += [[labels[key], method.backbone,
+            *[cells.dice(key, protocol, f, metric)
+              for protocol, _ in SEGMENTATION_PROTOCOLS for f in LABEL_FRACTIONS]]
+           for key, method in methods.items()]
   keys = list(methods)
   trivial = [cells.trivial_dice(keys, protocol, f, metric)
              for protocol, _ in SEGMENTATION_PROTOCOLS for f in LABEL_FRACTIONS]
@@ -224,7 +248,7 @@ def table4(cells: Cells, methods: dict[str, Method], metric: str) -> Table:
 
 
 def all_tables(cells: Cells, methods: dict[str, Method], *, per_class_fraction: int = 100,
-               dice_metric: str = "dice_positive") -> list[Table]:
+               dice_metric: str = "dice_per_image") -> list[Table]:
   if dice_metric not in DICE_METRICS:
     raise ValueError(f"--dice {dice_metric!r} is not one of {', '.join(DICE_METRICS)}")
   ordered = dict(sorted(methods.items(), key=lambda item: final_labels(methods)[item[0]]))

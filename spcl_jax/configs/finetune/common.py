@@ -12,6 +12,10 @@ Sources, by file of that repository:
                               RandAugment rand-m6-mstd0.5-inc1; eval resize 256 + centre crop 224
 Where we differ, on purpose: the checkpoint is chosen on `val` (Medical MAE chooses on test),
 a class with one label value is an error (Medical MAE drops it), and the images stay 1-channel.
+Also ours: the pooling (`pool='auto'`: the CLS output S-PCL trains for a pre-training workdir
+or random init, 'avg' for imported MAE-style files; docs/method.md has the measurement) and the
+low-label rule below, which resolves batch, epochs and the val interval from the train split's
+size at start (spcl_jax/finetune/recipe.py), so every label fraction runs with this config.
 Override any field: --config.label_fraction=10 --config.init=/runs/spcl_b16.
 """
 
@@ -24,19 +28,36 @@ def get_config(task: str, prepared: str, image_size_preset: str | None = None
                ) -> ml_collections.ConfigDict:
   pretrain = default.get_config()
   config = ml_collections.ConfigDict()
-  config.task = task                  # nih14 | chexpert | rsna | siim: the table column
-  config.protocol = "classification"  # siim: mgca | upernet512 (configs/finetune/siim.py)
+  config.task = task                  # nih14 | chexpert | rsna | siim | custom: the table column
+  # classification (full fine-tuning) | linear (linear evaluation: the encoder frozen, drop path
+  # off, the pooling's norm and the head trained); siim: mgca | upernet512 (configs/finetune/siim.py)
+  config.protocol = "classification"
   config.init = "random"              # random | pre-training WORKDIR | .safetensors/.pth/.npz
   config.init_step = -1               # checkpoint step of a WORKDIR init; -1 = the latest
   config.label_fraction = 100         # 1 | 10 | 100 percent of the train split (nested subsets)
-  config.split_scheme = "paper"       # paper (7:2:1 by patient) | official | files
+  config.split_scheme = "paper"       # paper (7:2:1 by patient) | official (chexpert.py) | files
   config.split_files = ml_collections.ConfigDict({"train": "", "val": "", "test": ""})
   config.chexpert_policy = "medical_mae"  # uncertain labels: medical_mae | ones | zeros
   config.classes = ""                 # "" = every class of the task; else "A,B": keep these only
   config.seed = 0
   config.epochs = 75                  # main_finetune_chestxray.py --epochs
-  config.batch_size = 1024            # FINETUNE.md: 128 per GPU x 8 GPUs (global batch)
+  config.batch_size = 1024            # FINETUNE.md: 128 per GPU x 8 GPUs; the rule's ceiling
+  config.val_every_epochs = 1         # resolved by the low-label rule (config.json has the value)
   config.bootstrap_samples = 1000     # test-set bootstrap resamples for the 95% interval
+
+  # The low-label rule, resolved at start from the train split's size (written to config.json):
+  # batch = the largest power of two <= train images / min_steps_per_epoch, at least
+  # min_batch_size, at most batch_size; epochs raised to reach min_total_steps optimiser steps;
+  # val scored every k epochs (and after the last) so that the val images scored stay within
+  # val_images_per_train_image x the train images seen (+ the last pass). At 100% of the big
+  # sets it changes nothing; at NIH 1% (783 images) it gives batch 64, 75 epochs of 12 steps,
+  # val every 8 epochs. enabled=False runs batch_size and epochs as given.
+  config.low_label = ml_collections.ConfigDict()
+  config.low_label.enabled = True
+  config.low_label.min_steps_per_epoch = 8
+  config.low_label.min_batch_size = 16
+  config.low_label.min_total_steps = 500
+  config.low_label.val_images_per_train_image = 4
 
   config.model = ml_collections.ConfigDict()
   config.model.variant = "B/16"       # must match the init's pre-trained variant
@@ -46,7 +67,9 @@ def get_config(task: str, prepared: str, image_size_preset: str | None = None
   config.model.attention_impl = "auto"
   config.model.attention_seq_multiple = 0
   config.model.remat = "none"
-  config.model.pool = "avg"           # avg (models_vit.py global_pool + fc_norm) | cls
+  # auto (resolved at start: cls for a pre-training workdir or random init, avg for an imported
+  # file) | avg (models_vit.py global_pool + fc_norm, Medical MAE's) | cls (the CLS output)
+  config.model.pool = "auto"
   config.model.drop_path_rate = 0.2   # main_finetune_chestxray.py --drop_path
 
   config.optim = ml_collections.ConfigDict()
@@ -59,6 +82,7 @@ def get_config(task: str, prepared: str, image_size_preset: str | None = None
   config.optim.b1 = 0.9                     # torch AdamW defaults (betas, eps)
   config.optim.b2 = 0.999
   config.optim.eps = 1e-8
+  config.optim.freeze_encoder = False       # True: encoder lr 0 (protocol linear sets it)
 
   config.data = ml_collections.ConfigDict()
   config.data.prepared = prepared     # python -m spcl_jax.data.prepare ... --out THIS

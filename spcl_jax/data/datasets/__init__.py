@@ -1,4 +1,4 @@
-"""The five supported downloads, one module each, every module under one checked contract.
+"""The five supported downloads and your own CSV, one module each, under one checked contract.
 
 A dataset module holds one dataset's quirks and its docstring says where to download it and the
 layout `--src` must have. What it must provide is `DatasetModule` below; `dataset_module(name)`
@@ -13,7 +13,10 @@ import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-DATASET_NAMES = ("mimic_cxr_jpg", "nih_chestxray14", "chexpert", "rsna_pneumonia", "siim_acr")
+DATASET_NAMES = ("mimic_cxr_jpg", "nih_chestxray14", "chexpert", "rsna_pneumonia", "siim_acr",
+                 "csv")
+# A dataset name whose module is named otherwise ('csv' would shadow the standard library's).
+_MODULE_OF = {"csv": "custom_csv"}
 IMAGE_FORMATS = ("file", "dicom")
 
 
@@ -61,9 +64,13 @@ def check_contract(module: types.ModuleType) -> None:
     raise TypeError(f"{where}: TASK_LABELS {module.TASK_LABELS} need a targets() function")
 
 
-def dataset_module(name: str) -> DatasetModule:
+def dataset_module(name: str, settings: Mapping[str, Any] | None = None) -> DatasetModule:
+  """The dataset's module; a dataset configured per prepared folder (csv: its classes, image
+  root) is returned configured with `settings` (prepare's, or report.json's) when given."""
   if name not in DATASET_NAMES:
     raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")
-  module = importlib.import_module(f"spcl_jax.data.datasets.{name}")
+  module = importlib.import_module(f"spcl_jax.data.datasets.{_MODULE_OF.get(name, name)}")
+  if settings is not None and hasattr(module, "configured"):
+    module = module.configured(dict(settings))
   check_contract(module)
   return module

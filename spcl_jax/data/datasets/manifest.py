@@ -41,6 +41,8 @@ PROBLEM_KINDS = {
     "undecodable": "file unreadable, truncated or not a valid image (skipped)",
     "bad_mask": "mask runs that do not fit the image (image skipped)",
     "not_in_metadata": "name in an official list file that the metadata does not have",
+    "uncertain_label": "an uncertain or blank label cell (csv dataset): set by --uncertain ones "
+                       "or zeros (image kept), or the image excluded by --uncertain exclude",
 }
 
 

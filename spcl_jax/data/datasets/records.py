@@ -94,6 +94,33 @@ def _too_small_detail(width: int, height: int, full_path: pathlib.Path,
   return f"{str(full_path)!r} is {width}x{height} px, a side below --min-side {settings.min_side}"
 
 
+def read_stored_image(full_path: pathlib.Path, path: str, image_format: str,
+                      settings: EncodeSettings
+                      ) -> tuple[np.ndarray | None, tuple[int, int] | None, str, str]:
+  """A raw file -> (uint8 S x S as prepare stores it before encoding, DICOM (rows, cols), "", "")
+  or (None, None, problem kind, detail): the one decode prepare and `spcl_jax.predict` share
+  (DICOM's modality/VOI LUTs and MONOCHROME1 inversion, 16-bit scaling, --min-side)."""
+  try:
+    data = full_path.read_bytes()
+  except OSError as e:
+    return None, None, "undecodable", f"cannot read {str(full_path)!r}: {e}"
+  try:
+    if image_format == "dicom":
+      unit = dicom.decode_dicom(data, path)
+      shape = unit.shape
+      too_small = _too_small_detail(shape[1], shape[0], full_path, settings)
+      if too_small:
+        return None, None, "too_small", too_small
+      return (decode.resize_to_uint8(unit, settings.image_size, settings.resize_filter), shape,
+              "", "")
+    too_small = _too_small_detail(*decode.encoded_size(data, path), full_path, settings)
+    if too_small:
+      return None, None, "too_small", too_small
+    return decode_file(data, path, settings), None, "", ""
+  except Exception as e:  # pylint: disable=broad-except  (decoders raise many types)
+    return None, None, "undecodable", f"{str(full_path)!r}: {e}"
+
+
 # Per-worker-process state, set once by the pool initializer (not shipped with every task).
 _WORKER: dict = {}
 
@@ -110,26 +137,10 @@ def process_entry(task: tuple[int, str, str, tuple[str, ...]]
   key, path, name, mask_rles = task
   settings: EncodeSettings = _WORKER["settings"]
   full_path = _WORKER["src"] / path
-  try:
-    data = full_path.read_bytes()
-  except OSError as e:
-    return key, None, "undecodable", f"cannot read {str(full_path)!r}: {e}"
-  try:
-    if _WORKER["image_format"] == "dicom":
-      unit = dicom.decode_dicom(data, path)
-      shape = unit.shape
-      too_small = _too_small_detail(shape[1], shape[0], full_path, settings)
-      if too_small:
-        return key, None, "too_small", too_small
-      image = decode.resize_to_uint8(unit, settings.image_size, settings.resize_filter)
-    else:
-      too_small = _too_small_detail(*decode.encoded_size(data, path), full_path, settings)
-      if too_small:
-        return key, None, "too_small", too_small
-      image = decode_file(data, path, settings)
-      shape = None
-  except Exception as e:  # pylint: disable=broad-except  (decoders raise many types)
-    return key, None, "undecodable", f"{str(full_path)!r}: {e}"
+  image, shape, kind, detail = read_stored_image(full_path, path, _WORKER["image_format"],
+                                                 settings)
+  if image is None:
+    return key, None, kind, detail
   payload = {"image": encode_uint8(image, settings)}
   if mask_rles:
     if shape is None:

@@ -1,0 +1,1 @@
+"""A fine-tuned model applied to image files: loading (`model`), inputs (`images`), saliency."""
