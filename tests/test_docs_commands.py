@@ -144,3 +144,42 @@ def test_commands_are_found_in_fences_with_continuations_and_inline():
           "and `python -m spcl_jax.export --out x`.")
   assert commands_in(text) == ["python -m spcl_jax.main --config=c.py      --workdir=w",
                                "python -m spcl_jax.export --out x"]
+
+
+_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def github_anchor(heading: str) -> str:
+  """GitHub's id of a heading: lower case, punctuation dropped, spaces to hyphens."""
+  text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+  return text.replace(" ", "-")
+
+
+def broken_links(page: pathlib.Path) -> list[str]:
+  """Relative links of `page` whose file, or whose #anchor in that file, does not exist."""
+  broken = []
+  for target in _LINK.findall(page.read_text()):
+    if re.match(r"[a-z]+://|mailto:", target):
+      continue
+    path, _, anchor = target.partition("#")
+    linked = (page.parent / path).resolve() if path else page
+    if not linked.exists():
+      broken.append(target)
+    elif anchor and linked.suffix == ".md":
+      headings = re.findall(r"^#+ (.*)$", linked.read_text(), re.M)
+      if anchor not in {github_anchor(h) for h in headings}:
+        broken.append(target)
+  return broken
+
+
+def test_every_relative_link_and_anchor_in_the_documentation_resolves():
+  pages = [*PAGES, ROOT / "tests" / "README.md"]
+  broken = {page.relative_to(ROOT).as_posix(): links for page in pages
+            if (links := broken_links(page))}
+  assert not broken, broken
+
+
+def test_the_anchor_rule_is_github_s():
+  assert github_anchor("Workdirs on Cloud Storage (`--workdir=gs://bucket/runs/x`)") == (
+      "workdirs-on-cloud-storage---workdirgsbucketrunsx")
+  assert github_anchor("Figure 3: t-SNE (`spcl_jax.tsne`)") == "figure-3-t-sne-spcl_jaxtsne"
