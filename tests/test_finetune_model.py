@@ -84,7 +84,8 @@ def _flat(tree):
 
 
 def test_layer_decay_and_weight_decay_table_for_depth_12():
-  config = nih14.get_config()  # B/16: depth 12, pool avg
+  config = nih14.get_config()  # B/16: depth 12
+  config.model.pool = "avg"  # the table with fc_norm ('auto' resolves at start, from the init)
   model = build_classifier(config, 14)
   shapes = jax.eval_shape(
       lambda k: flax.linen.unbox(model.init(k, jnp.zeros((1, 224, 224, 1))))["params"],
