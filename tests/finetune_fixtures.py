@@ -179,7 +179,8 @@ def cli_args(task: str, prepared: pathlib.Path, **overrides) -> list[str]:
   fields = {"data.prepared": str(prepared), "model.variant": "pico/16", "model.image_size": SIZE,
             "model.dtype": "float32", "batch_size": 8, "epochs": 2, "optim.warmup_epochs": 1,
             "optim.learning_rate": 1e-3, "data.num_workers": 0, "log_every_steps": 1,
-            "bootstrap_samples": 10, **overrides}
+            "bootstrap_samples": 10, "low_label.enabled": False,
+            "split_scheme": "paper", **overrides}
   config_file = pathlib.Path(__file__).resolve().parents[1] / f"spcl_jax/configs/finetune/{task}.py"
   return [f"--config={config_file}", *(f"--config.{k}={v}" for k, v in fields.items())]
 
