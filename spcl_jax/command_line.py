@@ -107,3 +107,31 @@ def run_command(body: Callable[[], int | None], debug: bool = False) -> int:
     raise
   except Exception as e:  # pylint: disable=broad-except  # the point: no traceback by default
     return report(e, debug)
+
+
+def define_training_run_flags(allow_change_example: str) -> None:
+  """The flags every training command shares (pre-training and fine-tuning): the process group
+  and the engine's resume controls. `allow_change_example` names fields of that command."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_bool("distributed", False,
+                    "Call jax.distributed.initialize() (auto-detects SLURM, TPU pods, MPI; "
+                    "else give --coordinator_address, --num_processes, --process_id).")
+  flags.DEFINE_string("coordinator_address", None,
+                      "host:port of process 0 (with --distributed).")
+  flags.DEFINE_integer("num_processes", None, "Total processes (with --distributed).")
+  flags.DEFINE_integer("process_id", None, "This process's index (with --distributed).")
+  flags.DEFINE_integer("restore_step", None,
+                       "Resume from this checkpoint step instead of the latest; the checkpoints "
+                       "after it are moved to WORKDIR/checkpoints_superseded/.")
+  flags.DEFINE_list("allow_config_change", [],
+                    f"Config fields (e.g. {allow_change_example}) a resume may change although "
+                    "they decide what is trained; recorded in WORKDIR/history.jsonl.")
+  flags.DEFINE_bool("debug", False, "Print the full traceback of an error.")
+
+
+def join_process_group(flag_values: Any) -> None:
+  """--distributed: jax.distributed.initialize with the given (or auto-detected) coordinator."""
+  if flag_values.distributed:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.distributed.initialize(flag_values.coordinator_address, flag_values.num_processes,
+                               flag_values.process_id)

@@ -21,19 +21,7 @@ config_flags.DEFINE_config_file("config", None,
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and config.json go: a "
                     "folder, or a gs:// URL (pip install -e '.[gcs]').")
-flags.DEFINE_bool("distributed", False,
-                  "Call jax.distributed.initialize() (auto-detects SLURM, TPU pods, MPI; "
-                  "else give --coordinator_address, --num_processes, --process_id).")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed).")
-flags.DEFINE_integer("num_processes", None, "Total processes (with --distributed).")
-flags.DEFINE_integer("process_id", None, "This process's index (with --distributed).")
-flags.DEFINE_integer("restore_step", None,
-                     "Resume from this checkpoint step instead of the latest; the checkpoints "
-                     "after it are moved to WORKDIR/checkpoints_superseded/.")
-flags.DEFINE_list("allow_config_change", [],
-                  "Config fields (e.g. seed,spcl.mask_ratio) a resume may change although "
-                  "they decide what is trained; recorded in WORKDIR/history.jsonl.")
-flags.DEFINE_bool("debug", False, "Print the full traceback of an error.")
+command_line.define_training_run_flags("seed,spcl.mask_ratio")
 flags.mark_flags_as_required(["config", "workdir"])
 parse_flags = command_line.absl_flags_parser(FLAGS)
 
@@ -49,9 +37,7 @@ def main(argv):
 
 def _train() -> int:
   import jax  # pylint: disable=g-import-not-at-top
-  if FLAGS.distributed:
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                               FLAGS.process_id)
+  command_line.join_process_group(FLAGS)
   from spcl_jax import evaluators, train  # pylint: disable=g-import-not-at-top
   config = command_line.loaded_config(FLAGS)
   summary = train.train_and_evaluate(config, FLAGS.workdir, restore_step=FLAGS.restore_step,

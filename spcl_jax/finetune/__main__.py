@@ -18,23 +18,12 @@ from ml_collections import config_flags
 from spcl_jax import command_line
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "configs/finetune/{nih14,chexpert,rsna,siim,custom}.py[:preset]",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "configs/finetune/{nih14,chexpert,rsna,siim,custom}.py[:preset]",
+    lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results.json go.")
 flags.DEFINE_integer("seeds", 1, "Seeds to run (config.seed, config.seed + 1, ...).")
-flags.DEFINE_bool("distributed", False,
-                  "Call jax.distributed.initialize() (auto-detects SLURM, TPU pods, MPI; "
-                  "else give --coordinator_address, --num_processes, --process_id).")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed).")
-flags.DEFINE_integer("num_processes", None, "Total processes (with --distributed).")
-flags.DEFINE_integer("process_id", None, "This process's index (with --distributed).")
-flags.DEFINE_integer("restore_step", None,
-                     "Resume from this checkpoint step instead of the latest; the checkpoints "
-                     "after it are moved to WORKDIR/checkpoints_superseded/.")
-flags.DEFINE_list("allow_config_change", [],
-                  "Config fields (e.g. optim.learning_rate) a resume may change although they "
-                  "decide what is trained; recorded in WORKDIR/history.jsonl.")
-flags.DEFINE_bool("debug", False, "Print the full traceback of an error.")
+command_line.define_training_run_flags("optim.learning_rate")
 flags.mark_flags_as_required(["config", "workdir"])
 parse_flags = command_line.absl_flags_parser(FLAGS)
 
@@ -50,10 +39,7 @@ def main(argv):
 
 
 def _finetune() -> int:
-  import jax  # pylint: disable=g-import-not-at-top
-  if FLAGS.distributed:
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                               FLAGS.process_id)
+  command_line.join_process_group(FLAGS)
   config = command_line.loaded_config(FLAGS)
   from spcl_jax.finetune import trainer  # pylint: disable=g-import-not-at-top
   trainer.train_seeds(config, FLAGS.workdir, FLAGS.seeds, restore_step=FLAGS.restore_step,
