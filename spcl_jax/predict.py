@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from spcl_jax import command_line
+from spcl_jax import command_line, inference
 from spcl_jax.atomic_file import check_writable, local_output
 from spcl_jax.downstream import CLASSIFICATION_PROTOCOLS
 
@@ -35,10 +35,7 @@ from spcl_jax.downstream import CLASSIFICATION_PROTOCOLS
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = command_line.ArgumentParser(prog="python -m spcl_jax.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-  source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument("--workdir", help="a fine-tuning workdir (its best-on-val parameters)")
-  source.add_argument("--model", help="an exported classifier, OUT.safetensors (with OUT.json)")
-  parser.add_argument("--images", required=True, help="a folder, a .txt list or a .csv of files")
+  inference.add_source_arguments(parser)
   parser.add_argument("--out", default="predictions.csv", help="the CSV to write")
   parser.add_argument("--masks", default=None, help="segmentation: folder for the mask PNGs")
   parser.add_argument("--batch-per-device", type=int, default=16)

@@ -22,6 +22,7 @@ _FENCE = re.compile(r"```(?:bash|sh)?\n(.*?)```", re.S)
 _INLINE = re.compile(r"`((?:\.venv/bin/)?python -m spcl_jax(?:\.\w+)*(?=[ `])[^`]*)`")
 _ARGPARSE = re.compile(r"add_argument\(\s*\"(--[\w-]+)\"")
 _ABSL = re.compile(r"DEFINE_(\w+)\(\s*\"(\w+)\"")
+_HELPER_CALL = re.compile(r"\.((?:define|add)_\w+_(?:flags|arguments))\(")
 _ABSL_BUILT_IN = {"--help", "--helpfull", "--helpshort", "--flagfile"}
 
 
@@ -53,12 +54,20 @@ def _source_files(module: str, args: list[str]) -> list[pathlib.Path]:
   if path.name == "__init__.py":
     path = path.with_name("__main__.py")
     assert path.exists(), f"{module} is a package without __main__.py"
-  files = [path]
+  files = [path, *_flag_helpers(path)]
   if module == "spcl_jax.bench":
     benchmarks = importlib.import_module("spcl_jax.bench.__main__").BENCHMARKS
     assert args and args[0] in benchmarks, f"bench has no benchmark {args[:1]}"
     files.append(pathlib.Path(importlib.util.find_spec(benchmarks[args[0]]).origin))
   return files
+
+
+def _flag_helpers(entry: pathlib.Path) -> list[pathlib.Path]:
+  """The files defining the shared flag helpers an entry module calls
+  (`command_line.define_training_run_flags`, `inference.add_source_arguments`)."""
+  called = set(_HELPER_CALL.findall(entry.read_text()))
+  return [path for path in sorted((ROOT / "spcl_jax").rglob("*.py"))
+          if any(f"def {name}(" in path.read_text() for name in called)]
 
 
 def defined_flags(files: list[pathlib.Path]) -> tuple[set[str], bool]:
