@@ -145,6 +145,9 @@ def test_fine_tunes_end_to_end_into_its_own_report_column(prepared, tmp_path):
   assert list(outcome["test_at_best_val"]["per_class"]) == list(CLASSES)
   built, _ = report_cli.build([str(tmp_path / "run")])
   table1 = next(t for t in built if t.name == "table1")
-  cell = table1.rows[0][table1.columns.index("Own data 100%")]
+  from spcl_jax.report import tables
+  method_rows = [row for row in table1.rows if row[0] != tables.SPLIT_SCHEME_ROW]
+  assert len(method_rows) == 1
+  cell = method_rows[0][table1.columns.index("Own data 100%")]
   assert cell.mean == pytest.approx(outcome["test_at_best_val"]["macro_auc"])
   assert np.isfinite(cell.mean)
