@@ -181,7 +181,7 @@ def _loop(workload: Any, session: Session, state: TrainState) -> tuple[TrainStat
       record(workload, session, *pending)
     # Still under the signal handler: a second SIGTERM cannot cut the save short.
     checkpoint.wait(session.manager)
-    if stopping and session.is_main:
+    if stopping:  # every process says so: a preemption that reached one host stopped all
       print(f"stopped at step {session.last_checkpoint}; checkpoint saved, rerun the same "
             "command to resume", flush=True)
   return state, stopping
