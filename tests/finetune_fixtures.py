@@ -207,9 +207,11 @@ def teacher_workdir(path: pathlib.Path) -> tuple[pathlib.Path, dict]:
 
 
 def signal_config(prepared: pathlib.Path, init: str, **overrides):
-  """One epoch of fine-tuning the head on the frozen init; augmentation and drop path off
+  """One epoch of linear evaluation (the head on the frozen init); augmentation and drop path off
   (the teacher labels are those of the whole image); eval views are the stored image itself."""
-  settings = {"init": init, "epochs": 1, "optim.freeze_encoder": True,
+  # linear evaluation with the pooling the teacher's labels were read through ('avg'), named
+  # explicitly: 'auto' would pick cls for a workdir init
+  settings = {"init": init, "epochs": 1, "protocol": "linear", "model.pool": "avg",
               "optim.learning_rate": 1e-2, "optim.warmup_epochs": 0, "model.drop_path_rate": 0.0,
               "data.crop_scale": (1.0, 1.0), "data.hflip": False, "data.randaugment": False,
               "data.eval_crop_fraction": 1.0}
