@@ -3,7 +3,7 @@
   python -m spcl_jax.bench transfer [--workdir DIR] [--seeds 3] [--patients 1200]
 
   1. a labelled synthetic chest-X-ray-like set (`synthetic_cxr`: patients, the 14 ChestX-ray14
-     findings, each leaving a faint mark), written as ChestX-ray14's raw download and prepared
+     findings, each a texture in its own place), written as ChestX-ray14's raw download and prepared
      by `spcl_jax.data.prepare` (64 x 64)
   2. S-PCL pre-training of a ViT-pico/8 on the train split fine-tuning uses (`spcl_jax.train`,
      labels unused; no val or test image)
