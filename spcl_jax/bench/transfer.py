@@ -29,11 +29,15 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 INITS = ("random", "spcl")
 VARIANTS = (("classification", "cls"), ("classification", "avg"), ("linear", "cls"),
             ("linear", "avg"))
 FRACTIONS = (1, 10, 100)
 LABELS = {"random": "random init", "spcl": "S-PCL"}
+LINES = {("spcl", "cls"): ("C0", "-"), ("spcl", "avg"): ("C1", "-"),  # the grid's figure
+         ("random", "cls"): ("C0", "--"), ("random", "avg"): ("C1", "--")}
 
 
 def parse_args(argv):
@@ -221,6 +225,34 @@ def verdicts(scores: dict[tuple[str, str, str, int], tuple[float, float]]) -> li
   return lines + [f"pooling, S-PCL full fine-tuning: {compared} -> {winner}"]
 
 
+def plot_grid(scores: dict[tuple[str, str, str, int], tuple[float, float]],
+              out: pathlib.Path) -> pathlib.Path:
+  """Test macro AUC against the label fraction, mean ± std over seeds: full fine-tuning left,
+  linear evaluation right; S-PCL solid, random init dashed; one colour per pooling."""
+  from spcl_jax.report import figures  # pylint: disable=g-import-not-at-top
+  plt = figures.pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(9.6, 4.0), sharey=True)
+  for ax, (protocol, title) in zip(axes, (("classification", "full fine-tuning"),
+                                          ("linear", "linear evaluation"))):
+    for (init, pool), (colour, style) in LINES.items():
+      cells = sorted((f, v) for (i, p, q, f), v in scores.items()
+                     if (i, p, q) == (init, protocol, pool))
+      if cells:
+        x = [f for f, _ in cells]
+        mean, std = (np.asarray([v[k] for _, v in cells]) * 100 for k in (0, 1))
+        ax.errorbar(x, mean, yerr=std, color=colour, ls=style, marker="o", capsize=3,
+                    label=f"{LABELS[init]}, pool {pool}")
+    ax.set(xscale="log", xticks=list(FRACTIONS), xticklabels=[f"{f}%" for f in FRACTIONS],
+           xlabel="labelled training images", title=title)
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("test macro AUC (%), mean ± std over seeds")
+  axes[1].legend(loc="lower right", fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out, dpi=figures.DPI)
+  plt.close(fig)
+  return out
+
+
 def main(argv: list[str]) -> int:
   args = parse_args(argv)
   if args.quick:
@@ -245,8 +277,10 @@ def main(argv: list[str]) -> int:
   runs = run_grid(root, prepared, pretrained, args)
   print()
   print(grid_table(runs, pretrained).markdown())
-  for line in verdicts(read_scores(runs)):
+  scores = read_scores(runs)
+  for line in verdicts(scores):
     print(line)
+  print(f"figure: {plot_grid(scores, root / 'transfer.png')}")
   cpu = sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
   # CPU seconds do not depend on what else the machine runs (the runs' worker processes

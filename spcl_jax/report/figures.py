@@ -24,7 +24,7 @@ from spcl_jax.finetune import predictions
 DPI = 120
 
 
-def _pyplot():
+def pyplot():
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")  # files only: never needs (or opens) a display
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -43,7 +43,7 @@ def roc_curves(table: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def plot_roc(curves: dict[str, dict[str, Any]], title: str, out: pathlib.Path) -> pathlib.Path:
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(6.4, 6.0))
   colours = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
   for i, (name, curve) in enumerate(curves.items()):
@@ -81,7 +81,7 @@ def val_history(selection_path: pathlib.Path, metric: str) -> tuple[np.ndarray, 
 def plot_training_curves(steps: np.ndarray, losses: np.ndarray, epochs: np.ndarray,
                          values: np.ndarray, metric: str, best_epoch: int | None, title: str,
                          out: pathlib.Path) -> pathlib.Path:
-  plt = _pyplot()
+  plt = pyplot()
   fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
   left.plot(steps, losses, lw=1, color="tab:blue")
   left.set(xlabel="step", ylabel="training loss", title="loss per logged step")
