@@ -10,9 +10,10 @@ optimizer or the input pipeline.
 
 Safety: a state with a NaN/Inf anywhere in the parameters or optimiser state is never written
 (checked on device just before the save). A save that fails (a full disk) is one line naming
-the step, `SaveFailedError`; orbax's per-thread tracebacks of it are kept out of the log
-(`quiet_background_errors`). On restore, a checkpoint that cannot be read, or that
-holds a non-finite value, is named with what is wrong and moved to WORKDIR/checkpoints_corrupt/,
+the step, `SaveFailedError`; the tracebacks orbax's threads log of it, and those tensorstore
+prints for each write it still finishes, are kept out of the output
+(`quiet_background_errors`). On restore, a checkpoint that cannot be read, or that holds a
+non-finite value, is named with what is wrong and moved to WORKDIR/checkpoints_corrupt/,
 and the newest intact one is used instead. orbax tmp folders left by a killed save are removed.
 
 A fine-tuning run also keeps its best-on-val parameters in WORKDIR/best/ (params and meta only,
@@ -31,7 +32,7 @@ import shutil
 import sys
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grain
@@ -89,23 +90,55 @@ def wait(manager: ocp.CheckpointManager) -> None:
 
 
 class _BackgroundSaveErrors(logging.Filter):
-  """orbax logs a failed background save from each of its threads, a traceback each (~190
-  lines for a full disk); `wait` raises it again in the main thread, in one line."""
+  """What a failed save's background writes log, a traceback each (~190 lines for a full disk):
+  orbax's threads (through absl) and asyncio's futures of writes whose error nobody reads.
+  `wait` raises the failure again in the main thread, in one line."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+    if record.levelno < logging.ERROR:
+      return True
+    from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname
+    unread_write = (record.name == "asyncio"
+                    and "exception was never retrieved" in record.getMessage())
+    return not (from_orbax or unread_write)
+
+
+def _without_closed_loop_callbacks(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+  """`hook`, minus tensorstore finishing a write for an asyncio loop that orbax closed when the
+  save failed: each such write prints a traceback through sys.unraisablehook."""
+
+  def unraisable_hook(unraisable: Any) -> None:
+    if not (issubclass(unraisable.exc_type, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      hook(unraisable)
+
+  return unraisable_hook
+
+
+_QUIETED_LOGGERS = ("absl", "asyncio")  # orbax logs through absl.logging
 
 
 @contextlib.contextmanager
 def quiet_background_errors() -> Iterator[None]:
-  """While a run saves: orbax's thread errors stay out of the log (`wait` names them)."""
+  """While a run saves: a failed save's background errors stay out of the output (`wait`
+  names the save). After a SaveFailedError the quiet stays on: the failed save's other writes
+  end later, each with its traceback, while the command ends."""
   quiet = _BackgroundSaveErrors()
-  logger = logging.getLogger("absl")  # orbax logs through absl.logging
-  logger.addFilter(quiet)
+  previous_hook = sys.unraisablehook
+  for name in _QUIETED_LOGGERS:
+    logging.getLogger(name).addFilter(quiet)
+  sys.unraisablehook = _without_closed_loop_callbacks(previous_hook)
+  save_failed = False
   try:
     yield
+  except SaveFailedError:
+    save_failed = True
+    raise
   finally:
-    logger.removeFilter(quiet)
+    if not save_failed:
+      for name in _QUIETED_LOGGERS:
+        logging.getLogger(name).removeFilter(quiet)
+      sys.unraisablehook = previous_hook
 
 
 @jax.jit
