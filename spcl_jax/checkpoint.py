@@ -189,7 +189,9 @@ def save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
            else "(no checkpoint was written)")
         + ". Lower config.optim.learning_rate, set config.optim.grad_clip_norm, or use "
         "config.model.dtype=float32 to find the cause")
-  try:  # a failure of the previous (asynchronous) save surfaces here
+  wait(manager)  # a failure of the previous (asynchronous) save is named with its step
+  _saving[manager] = int(step)
+  try:
     manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
         opt_state=ocp.args.StandardSave(opt_state),
@@ -198,7 +200,6 @@ def save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
         force=True)
   except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many kinds
     raise _save_failed(manager, e) from None
-  _saving[manager] = int(step)
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_params: Any,

@@ -265,8 +265,10 @@ def test_sigterm_to_the_process_group_checkpoints_and_stops(tmp_path, trainer):
 
 
 # The trainer's CLI on a disk that fills up once the step-2 checkpoint is whole: from step 3 on
-# no file may grow past 16 KiB (RLIMIT_FSIZE, no root needed; with SIGXFSZ ignored a write past
-# it fails with EFBIG, as one on a full disk fails with ENOSPC).
+# no file may grow past 256 bytes (RLIMIT_FSIZE, no root needed; with SIGXFSZ ignored a write
+# past it fails with EFBIG, as one on a full disk fails with ENOSPC). The step-4 save starts (its
+# small metadata files fit), its arrays fail in the background, the step-6 save is where the run
+# learns it; accelerator_time.json and the metrics of the run's end fail to be written too.
 _FULL_DISK_AFTER_STEP_2 = """
 import pathlib, resource, signal, sys, time
 from absl import app
@@ -277,7 +279,7 @@ def fill_the_disk(moment, step):
     while not first_checkpoint.is_dir():  # orbax renames its tmp folder once the save is whole
       time.sleep(0.05)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, resource.RLIM_INFINITY))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256, resource.RLIM_INFINITY))
 engine.moment_listeners.append(fill_the_disk)
 sys.argv = ["spcl_jax.main", *sys.argv[2:]]
 app.run(main.main, flags_parser=main.parse_flags)
@@ -291,8 +293,8 @@ def test_a_failed_save_is_one_line_naming_its_step(tmp_path):
   workdir = tmp_path / "run"
   done = subprocess.run(
       [sys.executable, "-c", _FULL_DISK_AFTER_STEP_2, str(workdir), f"--config={DEMO}",
-       f"--workdir={workdir}", "--config.model.image_size=64", "--config.total_steps=4",
-       "--config.log_every_steps=1", "--config.checkpoint_every_steps=2", "--config.evals={}"],
+       f"--workdir={workdir}", "--config.model.image_size=64", "--config.total_steps=8",
+       "--config.log_every_steps=100", "--config.checkpoint_every_steps=2", "--config.evals={}"],
       cwd=ROOT, capture_output=True, text=True, timeout=300,
       env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert done.returncode == 1, done.stderr[-3000:]
