@@ -3,6 +3,8 @@ while the workers are still importing (they are spawned: a second or more), and 
 serve batches. The pipeline runs alone in a subprocess (the trainer's `_with_workers`, without
 a model), so each kill costs a Python start, not a compilation."""
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -54,3 +56,21 @@ def test_a_killed_pipeline_leaves_no_process_behind(moment):
     proc.communicate(timeout=30)
   assert children
   wait_for(lambda: not any(alive(pid) for pid in children), "no orphan", timeout=15)
+
+
+@pytest.mark.slow
+def test_workers_serving_outlive_a_sigterm_the_trainer_handles():
+  """SIGTERM to the process group (scancel) reaches the workers too: they ignore it, so the
+  trainer can still read batches while it checkpoints; it stops them itself afterwards."""
+  proc = start_pipeline()
+  try:
+    assert proc.stdout.readline().strip() == "batch", proc.stderr.read()[-2000:]
+    workers = descendants(proc.pid)
+    for pid in workers:
+      os.kill(pid, signal.SIGTERM)
+    time.sleep(1.0)  # a worker that obeys SIGTERM is gone well before
+    survivors = [pid for pid in workers if alive(pid)]
+  finally:
+    proc.kill()
+    proc.communicate(timeout=30)
+  assert workers and set(survivors) == workers
