@@ -13,7 +13,9 @@ used, to the same results, as with --restore_step; a resume may change only the 
 those it names), and a finished workdir rerun with another lr is a config error (exit 2); a bad
 start (an init of another size, a fine-tuning workdir as init) writes nothing. The "kill" is an
 exception raised at the named moment (`engine.moment_listeners`): no handler of the run catches
-it, and the resume starts from what is on disk, as after kill -9.
+it, and the resume starts from what is on disk, as after kill -9. Where what is on disk depends
+on the kill itself (orbax's threads stopped mid-write), a subprocess kill -9s itself while the
+first checkpoint is written.
 """
 
 import contextlib

@@ -1,6 +1,7 @@
 """Run safety of the other commands and of the process: one-line errors of prepare, export and
 extract, refusal of non-finite weights, whole output files with the umask's mode; SIGTERM during
-the save and kill -9 with decoding workers (subprocesses, the only way to send them)."""
+the save and kill -9 with decoding workers (subprocesses, the only way to send them); a disk
+that fills up mid-run, read on the whole stderr of the process."""
 
 from __future__ import annotations
 
