@@ -30,6 +30,7 @@ import pathlib
 import re
 import shutil
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -115,14 +116,19 @@ def _without_closed_loop_callbacks(hook: Callable[[Any], None]) -> Callable[[Any
   return unraisable_hook
 
 
+def _ignore_late_error(error: Any) -> None:
+  del error
+
+
 _QUIETED_LOGGERS = ("absl", "asyncio")  # orbax logs through absl.logging
 
 
 @contextlib.contextmanager
 def quiet_background_errors() -> Iterator[None]:
   """While a run saves: a failed save's background errors stay out of the output (`wait`
-  names the save). After a SaveFailedError the quiet stays on: the failed save's other writes
-  end later, each with its traceback, while the command ends."""
+  names the save). After a SaveFailedError the quiet stays on, and errors of threads and
+  unraisable ones are dropped: the failed save's other writes end later, and files flush at
+  exit, each failing with a traceback, while the command ends."""
   quiet = _BackgroundSaveErrors()
   previous_hook = sys.unraisablehook
   for name in _QUIETED_LOGGERS:
@@ -133,6 +139,9 @@ def quiet_background_errors() -> Iterator[None]:
     yield
   except SaveFailedError:
     save_failed = True
+    # The command ends on a full disk: what still writes after the line (TensorBoard's events
+    # at exit, and its writer thread then) fails too, each failure with a traceback.
+    sys.unraisablehook = threading.excepthook = _ignore_late_error
     raise
   finally:
     if not save_failed:

@@ -153,7 +153,9 @@ def _run_locked(workload: Any, workdir: pathlib.Path, restore_step: int | None,
   except BaseException:
     try:
       opened.close()  # also on errors: finish a checkpoint already being written
-    except Exception:  # pylint: disable=broad-except  # a full disk: the run's error tells first
+    except checkpoint.SaveFailedError:
+      raise  # a full disk fails every write: the save's line says which checkpoints are intact
+    except Exception:  # pylint: disable=broad-except  # else the run's own error tells first
       pass
     raise
   opened.close()

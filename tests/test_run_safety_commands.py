@@ -268,8 +268,8 @@ def test_sigterm_to_the_process_group_checkpoints_and_stops(tmp_path, trainer):
 # The trainer's CLI on a disk that fills up once the step-2 checkpoint is whole: from step 3 on
 # no file may grow past 256 bytes (RLIMIT_FSIZE, no root needed; with SIGXFSZ ignored a write
 # past it fails with EFBIG, as one on a full disk fails with ENOSPC). The step-4 save starts (its
-# small metadata files fit), its arrays fail in the background, the step-6 save is where the run
-# learns it; accelerator_time.json and the metrics of the run's end fail to be written too.
+# small metadata files fit) and its arrays fail in the background; accelerator_time.json and the
+# metrics of the run's end fail to be written too.
 _FULL_DISK_AFTER_STEP_2 = """
 import pathlib, resource, signal, sys, time
 from absl import app
@@ -288,14 +288,19 @@ app.run(main.main, flags_parser=main.parse_flags)
 
 
 @pytest.mark.slow
-def test_a_failed_save_is_one_line_naming_its_step(tmp_path):
+@pytest.mark.parametrize("log_every", [
+    100,  # the step-6 save is where the run learns that step 4's failed
+    5,  # the step-5 metrics row fails to be written first, while step 4's save is failing
+])
+def test_a_failed_save_is_one_line_naming_its_step(tmp_path, log_every):
   """The whole stderr of the process: orbax's threads and tensorstore's unfinished writes print
   tracebacks of a failed save outside any handler of the run; none may reach the user."""
   workdir = tmp_path / "run"
   done = subprocess.run(
       [sys.executable, "-c", _FULL_DISK_AFTER_STEP_2, str(workdir), f"--config={DEMO}",
        f"--workdir={workdir}", "--config.model.image_size=64", "--config.total_steps=8",
-       "--config.log_every_steps=100", "--config.checkpoint_every_steps=2", "--config.evals={}"],
+       f"--config.log_every_steps={log_every}", "--config.checkpoint_every_steps=2",
+       "--config.evals={}"],
       cwd=ROOT, capture_output=True, text=True, timeout=300,
       env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert done.returncode == 1, done.stderr[-3000:]
