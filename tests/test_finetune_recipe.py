@@ -5,6 +5,7 @@ and only the label fraction changed, on the real split sizes."""
 import importlib
 import math
 
+import numpy as np
 import pytest
 
 from spcl_jax.configuration import ConfigError
@@ -134,3 +135,21 @@ def test_linear_is_a_classification_protocol_with_its_own_name_in_results():
   assert workloads.workload_for(shipped("nih14", protocol="linear")).protocol == "linear"
   assert workloads.workload_for(shipped("nih14")).protocol == "classification"
   assert recipe.is_classification("linear") and not recipe.is_classification("mgca")
+
+
+def test_linear_evaluation_shows_the_frozen_encoder_whole_images_as_pre_training_did():
+  """S-PCL learns no invariance to crops or RandAugment; a frozen encoder under them fed its
+  linear head features of images it never saw (below chance in `bench transfer`)."""
+  from spcl_jax.finetune import data  # pylint: disable=g-import-not-at-top
+  image = np.random.default_rng(0).integers(0, 256, (64, 64), np.uint8)
+  for protocol, whole in (("linear", True), ("classification", False)):
+    config = shipped("nih14", protocol=protocol)
+    config.model.image_size = 64
+    _, changes = recipe.resolve(config, init_kind="spcl", num_train=7_831, num_val=22_361,
+                                batch_multiple=8)
+    train = data.TrainTransform(config, 64).augment
+    outputs = [train(image, np.random.default_rng(seed))[0] for seed in range(8)]
+    as_stored = [np.array_equal(o, image) or np.array_equal(o, image[:, ::-1]) for o in outputs]
+    evaluated = data.EvalTransform(config, 64).transform(image)[0]
+    assert all(as_stored) == whole and np.array_equal(evaluated, image) == whole, protocol
+    assert any("config.data.randaugment: True -> False" in c for c in changes) == whole

@@ -8,12 +8,14 @@ real download, so pre-training and fine-tuning read it through their real paths.
 What an image holds (grayscale, SIZE x SIZE):
   anatomy   a bright body with two dark lung fields, a mediastinum and rib stripes; the
             patient's own proportions, position and exposure (every image of a patient shares
-            them), then per-image jitter, contrast and noise
-  findings  each of the 14 ChestX-ray14 findings leaves its own mark: a blob of a given
-            size, sign and texture in a given region (e.g. Nodule: a small bright spot in a
-            lung; Pneumothorax: a dark band at a lung's apex; Cardiomegaly: a wider heart).
-            A mark is faint (about the noise and the anatomy's variation), placed with
-            jitter, and sometimes occluded by the anatomy: learnable, not trivial.
+            them, and they vary little between patients), then per-image jitter and noise
+  findings  each of the 14 ChestX-ray14 findings leaves its own mark in its own region (e.g.
+            Nodule: a small patch in a lung; Pneumothorax: a band at a lung's apex;
+            Cardiomegaly: over the heart): a zero-mean texture (stripes of random orientation
+            and phase, or random spots) under a blob envelope, placed with jitter. A mark
+            changes no region's mean brightness, so a linear read-out of the raw pixels finds
+            almost nothing (0.54 test macro AUC with 2,322 labelled images, logistic
+            regression) while texture detectors find it: what pre-training can learn.
 A patient has a set of findings (each with its own prevalence); each of their images shows each
 one with probability 0.8. Patients have 1-4 images, so patient-level splits and bootstraps mean
 something. The official test list holds every fifth patient.
@@ -43,27 +45,27 @@ class Mark:
   x: float
   jitter: float
   radius: float
-  amplitude: float    # grey levels at the centre; negative darkens
-  texture: str        # smooth | stripes | spots
+  amplitude: float    # the texture's grey-level swing at the centre
+  texture: str        # stripes | spots (zero-mean: the mark leaves the mean brightness alone)
   prevalence: float   # share of patients with the finding
   both_sides: bool = True  # appears in the left or the right lung at random
 
 
 MARKS = {
-    "Atelectasis": Mark(0.62, 0.30, 0.05, 0.10, 26, "stripes", 0.16),
-    "Cardiomegaly": Mark(0.68, 0.50, 0.02, 0.20, 24, "smooth", 0.10, both_sides=False),
-    "Effusion": Mark(0.82, 0.28, 0.03, 0.13, 32, "smooth", 0.16),
-    "Infiltration": Mark(0.50, 0.30, 0.10, 0.12, 22, "spots", 0.20),
-    "Mass": Mark(0.45, 0.30, 0.12, 0.09, 34, "smooth", 0.10),
-    "Nodule": Mark(0.40, 0.30, 0.12, 0.045, 44, "smooth", 0.12),
-    "Pneumonia": Mark(0.58, 0.32, 0.08, 0.11, 28, "spots", 0.08),
-    "Pneumothorax": Mark(0.22, 0.28, 0.04, 0.11, -34, "smooth", 0.10),
-    "Consolidation": Mark(0.66, 0.34, 0.06, 0.10, 36, "smooth", 0.10),
-    "Edema": Mark(0.50, 0.50, 0.02, 0.24, 18, "stripes", 0.08, both_sides=False),
-    "Emphysema": Mark(0.40, 0.30, 0.06, 0.16, -22, "smooth", 0.08),
-    "Fibrosis": Mark(0.30, 0.30, 0.06, 0.10, 26, "stripes", 0.08),
-    "Pleural_Thickening": Mark(0.30, 0.15, 0.04, 0.06, 34, "smooth", 0.08),
-    "Hernia": Mark(0.88, 0.50, 0.02, 0.08, 36, "smooth", 0.06, both_sides=False),
+    "Atelectasis": Mark(0.62, 0.30, 0.05, 0.18, 39, "stripes", 0.16),
+    "Cardiomegaly": Mark(0.68, 0.50, 0.02, 0.36, 36, "spots", 0.10, both_sides=False),
+    "Effusion": Mark(0.82, 0.28, 0.03, 0.23, 48, "stripes", 0.16),
+    "Infiltration": Mark(0.50, 0.30, 0.10, 0.22, 33, "spots", 0.20),
+    "Mass": Mark(0.45, 0.30, 0.12, 0.16, 51, "stripes", 0.10),
+    "Nodule": Mark(0.40, 0.30, 0.12, 0.08, 66, "spots", 0.12),
+    "Pneumonia": Mark(0.58, 0.32, 0.08, 0.20, 42, "stripes", 0.08),
+    "Pneumothorax": Mark(0.22, 0.28, 0.04, 0.20, 51, "spots", 0.10),
+    "Consolidation": Mark(0.66, 0.34, 0.06, 0.18, 54, "stripes", 0.10),
+    "Edema": Mark(0.50, 0.50, 0.02, 0.43, 27, "spots", 0.08, both_sides=False),
+    "Emphysema": Mark(0.40, 0.30, 0.06, 0.29, 33, "stripes", 0.08),
+    "Fibrosis": Mark(0.30, 0.30, 0.06, 0.18, 39, "spots", 0.08),
+    "Pleural_Thickening": Mark(0.30, 0.15, 0.04, 0.11, 51, "stripes", 0.08),
+    "Hernia": Mark(0.88, 0.50, 0.02, 0.14, 54, "spots", 0.06, both_sides=False),
 }
 assert tuple(MARKS) == nih.LABELS
 
@@ -91,12 +93,13 @@ def anatomy(patient: dict[str, float], size: int = SIZE) -> np.ndarray:
 
 
 def _texture(kind: str, yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """Zero-mean, in [-1, 1]: 9 stripes across the image at a random angle and phase, or spots."""
   if kind == "stripes":
-    angle = rng.uniform(0, np.pi)
-    return 0.6 + 0.4 * np.cos(2 * np.pi * 9 * (np.cos(angle) * yy + np.sin(angle) * xx))
+    angle, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
+    return np.cos(2 * np.pi * 9 * (np.cos(angle) * yy + np.sin(angle) * xx) + phase)
   if kind == "spots":
-    return 0.4 + 0.6 * (rng.random(yy.shape) < 0.45)
-  return np.ones_like(yy)
+    return 2.0 * (rng.random(yy.shape) < 0.5) - 1.0
+  raise ValueError(f"texture {kind!r} is not one of stripes, spots")
 
 
 def add_mark(image: np.ndarray, mark: Mark, rng: np.random.Generator) -> None:
@@ -119,16 +122,18 @@ def render(patient: dict[str, float], findings: list[str], rng: np.random.Genera
     add_mark(image, MARKS[name], rng)
   shift = rng.integers(-2, 3, size=2)
   image = np.roll(image, tuple(shift), axis=(0, 1))
-  image = (image - image.mean()) * rng.uniform(0.85, 1.15) + image.mean() + rng.normal(0, 6)
-  image += rng.normal(0, 9, image.shape)
+  image = (image - image.mean()) * rng.uniform(0.97, 1.03) + image.mean() + rng.normal(0, 1.2)
+  image += rng.normal(0, 6, image.shape)
   return np.clip(image, 0, 255).astype(np.uint8)
 
 
 def _patient(rng: np.random.Generator) -> dict[str, float]:
-  return {"shift_x": rng.uniform(-0.04, 0.04), "shift_y": rng.uniform(-0.03, 0.03),
-          "exposure": rng.uniform(140, 190), "lung_gap": rng.uniform(0.17, 0.22),
-          "lung_w": rng.uniform(0.12, 0.16), "lung_h": rng.uniform(0.28, 0.34),
-          "rib_freq": rng.uniform(6, 8), "rib_phase": rng.uniform(0, 2 * np.pi)}
+  """Anatomy that varies little between patients: what tells images apart is mostly findings."""
+  return {"shift_x": rng.uniform(-0.008, 0.008), "shift_y": rng.uniform(-0.006, 0.006),
+          "exposure": rng.uniform(160, 170), "lung_gap": rng.uniform(0.19, 0.2),
+          "lung_w": rng.uniform(0.136, 0.144), "lung_h": rng.uniform(0.304, 0.316),
+          "rib_freq": rng.uniform(6.8, 7.2),
+          "rib_phase": np.pi + rng.uniform(-0.2 * np.pi, 0.2 * np.pi)}
 
 
 def write_download(raw: pathlib.Path, *, num_patients: int, seed: int = 0,

@@ -5,7 +5,8 @@
   1. a labelled synthetic chest-X-ray-like set (`synthetic_cxr`: patients, the 14 ChestX-ray14
      findings, each leaving a faint mark), written as ChestX-ray14's raw download and prepared
      by `spcl_jax.data.prepare` (64 x 64)
-  2. S-PCL pre-training of a ViT-pico/8 on its train split (`spcl_jax.train`, labels unused)
+  2. S-PCL pre-training of a ViT-pico/8 on the train split fine-tuning uses (`spcl_jax.train`,
+     labels unused; no val or test image)
   3. fine-tuning (`spcl_jax.finetune.trainer.train_seeds`, configs/finetune/nih14.py shrunk to
      the model, the low-label rule resolving each fraction) at 1/10/100% labels: random vs
      S-PCL init x pool cls / avg x full fine-tuning / linear evaluation, `--seeds` seeds each
@@ -77,7 +78,9 @@ def pretrain_config(prepared: pathlib.Path, steps: int, batch_size: int = 64,
   config.model.variant = "pico/8"
   config.model.image_size = 64
   config.model.dtype = "float32"  # XLA:CPU runs bfloat16 matmuls slower than float32
-  config.data.source = f"prepared:{prepared},split=train"
+  # The split fine-tuning trains on (scheme 'official'): pre-training never sees a val or test
+  # image, not even unlabelled.
+  config.data.source = f"prepared:{prepared},split=official_train"
   config.batch_size = batch_size
   config.total_steps = steps
   config.optim.learning_rate = 1e-3

@@ -135,7 +135,7 @@ class TrainTransform(grain.transforms.RandomMap):
     self.augment = TrainAugment(
         config.model.image_size, scale=tuple(config.data.crop_scale), hflip=config.data.hflip,
         randaugment_magnitude=(config.data.randaugment_magnitude
-                               if config.data.get("randaugment", True) else None),
+                               if config.data.randaugment else None),
         magnitude_std=config.data.randaugment_magnitude_std)
 
   def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:

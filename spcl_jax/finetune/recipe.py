@@ -4,8 +4,12 @@
              the CLS output) and for random init; 'avg' for an imported file (MAE-style
              checkpoints: their CLS output is untrained). The choice and its numbers:
              docs/method.md, measured with `python -m spcl_jax.bench transfer`.
-  protocol   'linear' (linear evaluation) freezes the encoder (config.optim.freeze_encoder) and
-             turns drop path off; 'classification' is full fine-tuning.
+  protocol   'linear' (linear evaluation) freezes the encoder (config.optim.freeze_encoder),
+             turns drop path off and shows the frozen encoder whole images, as pre-training did
+             (no RandAugment, no random crop, eval on the whole image; flips stay): S-PCL
+             learns no invariance to the fine-tuning augmentation, and under it a linear head
+             on its frozen features fell below chance (docs/method.md); 'classification' is
+             full fine-tuning with the whole recipe.
   low-label  config.low_label, so that every label fraction runs with the shipped config:
              batch      the largest power of two <= train images / min_steps_per_epoch, between
                         min_batch_size and config.batch_size (a multiple of the devices)
@@ -84,6 +88,19 @@ def low_label_schedule(num_train: int, num_val: int, *, batch_size: int, epochs:
   return Schedule(batch, epochs, min(val_every, epochs), steps_per_epoch)
 
 
+def whole_images(data: ml_collections.ConfigDict) -> list[str]:
+  """Linear evaluation's input: the whole image, resized, in training and evaluation."""
+  changed = []
+  for field, value in (("randaugment", False), ("crop_scale", (1.0, 1.0)),
+                       ("eval_crop_fraction", 1.0)):
+    current = data[field]
+    if (tuple(current) if isinstance(current, (list, tuple)) else current) != value:
+      changed.append(f"config.data.{field}: {current} -> {value} (protocol linear: "
+                     "the frozen encoder sees whole images, as in pre-training)")
+      data[field] = value
+  return changed
+
+
 def resolve(config: ml_collections.ConfigDict, *, init_kind: str, num_train: int,
             num_val: int, batch_multiple: int) -> tuple[Schedule, list[str]]:
   """Writes the resolved pool, protocol settings and schedule into `config`; returns the
@@ -97,6 +114,7 @@ def resolve(config: ml_collections.ConfigDict, *, init_kind: str, num_train: int
   if config.protocol == "linear":
     config.optim.freeze_encoder = True
     config.model.drop_path_rate = 0.0  # frozen: stochastic depth would only add noise
+    changed += whole_images(config.data)
   schedule = low_label_schedule(num_train, num_val, batch_size=config.batch_size,
                                 epochs=config.epochs, rule=config.low_label,
                                 batch_multiple=batch_multiple)

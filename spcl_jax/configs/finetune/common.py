@@ -91,6 +91,7 @@ def get_config(task: str, prepared: str, image_size_preset: str | None = None
   config.data.resize_filter = "bicubic"  # timm create_transform interpolation
   config.data.crop_scale = (0.08, 1.0)   # RandomResizedCrop scale
   config.data.hflip = True
+  config.data.randaugment = True         # protocol linear and segmentation turn it off
   config.data.randaugment_magnitude = 6  # rand-m6-mstd0.5-inc1
   config.data.randaugment_magnitude_std = 0.5
   config.data.eval_crop_fraction = 224 / 256  # eval: resize to S / this (256 at 224), crop S
