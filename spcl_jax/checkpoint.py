@@ -10,9 +10,8 @@ optimizer or the input pipeline.
 
 Safety: a state with a NaN/Inf anywhere in the parameters or optimiser state is never written
 (checked on device just before the save). A save that fails (a full disk) is one line naming
-the step, `SaveFailedError`; the tracebacks orbax's threads log of it, and those tensorstore
-prints for each write it still finishes, are kept out of the output
-(`quiet_background_errors`). On restore, a checkpoint that cannot be read, or that holds a
+the step, `SaveFailedError` (`background_save_errors` keeps the tracebacks of its writes out
+of the output). On restore, a checkpoint that cannot be read, or that holds a
 non-finite value, is named with what is wrong and moved to WORKDIR/checkpoints_corrupt/,
 and the newest intact one is used instead. orbax tmp folders left by a killed save are removed.
 
@@ -22,18 +21,14 @@ one step): `save_best`, `restore_best`, `drop_best_after`.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 import pathlib
 import re
 import shutil
 import sys
-import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import grain
@@ -88,66 +83,6 @@ def wait(manager: ocp.CheckpointManager) -> None:
     manager.wait_until_finished()
   except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many kinds
     raise _save_failed(manager, e) from None
-
-
-class _BackgroundSaveErrors(logging.Filter):
-  """What a failed save's background writes log, a traceback each (~190 lines for a full disk):
-  orbax's threads (through absl) and asyncio's futures of writes whose error nobody reads.
-  `wait` raises the failure again in the main thread, in one line."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if record.levelno < logging.ERROR:
-      return True
-    from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname
-    unread_write = (record.name == "asyncio"
-                    and "exception was never retrieved" in record.getMessage())
-    return not (from_orbax or unread_write)
-
-
-def _without_closed_loop_callbacks(hook: Callable[[Any], None]) -> Callable[[Any], None]:
-  """`hook`, minus tensorstore finishing a write for an asyncio loop that orbax closed when the
-  save failed: each such write prints a traceback through sys.unraisablehook."""
-
-  def unraisable_hook(unraisable: Any) -> None:
-    if not (issubclass(unraisable.exc_type, RuntimeError)
-            and str(unraisable.exc_value) == "Event loop is closed"):
-      hook(unraisable)
-
-  return unraisable_hook
-
-
-def _ignore_late_error(error: Any) -> None:
-  del error
-
-
-_QUIETED_LOGGERS = ("absl", "asyncio")  # orbax logs through absl.logging
-
-
-@contextlib.contextmanager
-def quiet_background_errors() -> Iterator[None]:
-  """While a run saves: a failed save's background errors stay out of the output (`wait`
-  names the save). After a SaveFailedError the quiet stays on, and errors of threads and
-  unraisable ones are dropped: the failed save's other writes end later, and files flush at
-  exit, each failing with a traceback, while the command ends."""
-  quiet = _BackgroundSaveErrors()
-  previous_hook = sys.unraisablehook
-  for name in _QUIETED_LOGGERS:
-    logging.getLogger(name).addFilter(quiet)
-  sys.unraisablehook = _without_closed_loop_callbacks(previous_hook)
-  save_failed = False
-  try:
-    yield
-  except SaveFailedError:
-    save_failed = True
-    # The command ends on a full disk: what still writes after the line (TensorBoard's events
-    # at exit, and its writer thread then) fails too, each failure with a traceback.
-    sys.unraisablehook = threading.excepthook = _ignore_late_error
-    raise
-  finally:
-    if not save_failed:
-      for name in _QUIETED_LOGGERS:
-        logging.getLogger(name).removeFilter(quiet)
-      sys.unraisablehook = previous_hook
 
 
 @jax.jit

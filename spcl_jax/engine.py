@@ -46,7 +46,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from spcl_jax import accelerator_time, checkpoint, metrics, run_info, workdir_lock
+from spcl_jax import (accelerator_time, background_save_errors, checkpoint, metrics, run_info,
+                      workdir_lock)
 from spcl_jax.preemption import StopRequest
 from spcl_jax.steps import TrainState
 from spcl_jax.workdir_path import as_path, check_store_client
@@ -96,7 +97,7 @@ def run(workload: Any, workdir: str | pathlib.Path, *, restore_step: int | None 
       checkpoint.remove_stale_tmp(workdir)
     workload.open(workdir)
     clock = accelerator_time.AcceleratorClock.for_this_job(workdir)  # accelerator_time.json
-    with checkpoint.quiet_background_errors():
+    with background_save_errors.quieted():
       return _run_locked(workload, workdir, restore_step, changes, clock)
   finally:
     workload.close()
