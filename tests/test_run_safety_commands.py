@@ -266,10 +266,10 @@ def test_sigterm_to_the_process_group_checkpoints_and_stops(tmp_path, trainer):
 
 
 # The trainer's CLI on a disk that fills up once the step-2 checkpoint is whole: from step 3 on
-# no file may grow past 256 bytes (RLIMIT_FSIZE, no root needed; with SIGXFSZ ignored a write
+# no file may grow past 400 bytes (RLIMIT_FSIZE, no root needed; with SIGXFSZ ignored a write
 # past it fails with EFBIG, as one on a full disk fails with ENOSPC). The step-4 save starts (its
-# small metadata files fit) and its arrays fail in the background; accelerator_time.json and the
-# metrics of the run's end fail to be written too.
+# small metadata files fit) and its arrays fail in the background; the metrics and TensorBoard
+# files fail to grow too.
 _FULL_DISK_AFTER_STEP_2 = """
 import pathlib, resource, signal, sys, time
 from absl import app
@@ -280,7 +280,7 @@ def fill_the_disk(moment, step):
     while not first_checkpoint.is_dir():  # orbax renames its tmp folder once the save is whole
       time.sleep(0.05)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (256, resource.RLIM_INFINITY))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (400, resource.RLIM_INFINITY))
 engine.moment_listeners.append(fill_the_disk)
 sys.argv = ["spcl_jax.main", *sys.argv[2:]]
 app.run(main.main, flags_parser=main.parse_flags)
