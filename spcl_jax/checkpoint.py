@@ -10,9 +10,9 @@ optimizer or the input pipeline.
 
 Safety: a state with a NaN/Inf anywhere in the parameters or optimiser state is never written
 (checked on device just before the save). A save that fails (a full disk) is one line naming
-the step, `SaveFailedError`; orbax's per-thread tracebacks of it are kept out of the log
-(`quiet_background_errors`). On restore, a checkpoint that cannot be read, or that
-holds a non-finite value, is named with what is wrong and moved to WORKDIR/checkpoints_corrupt/,
+the step, `SaveFailedError` (`background_save_errors` keeps the tracebacks of its writes out
+of the output). On restore, a checkpoint that cannot be read, or that holds a
+non-finite value, is named with what is wrong and moved to WORKDIR/checkpoints_corrupt/,
 and the newest intact one is used instead. orbax tmp folders left by a killed save are removed.
 
 A fine-tuning run also keeps its best-on-val parameters in WORKDIR/best/ (params and meta only,
@@ -21,9 +21,7 @@ one step): `save_best`, `restore_best`, `drop_best_after`.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 import pathlib
 import re
@@ -31,7 +29,6 @@ import shutil
 import sys
 import time
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import grain
@@ -88,26 +85,6 @@ def wait(manager: ocp.CheckpointManager) -> None:
     raise _save_failed(manager, e) from None
 
 
-class _BackgroundSaveErrors(logging.Filter):
-  """orbax logs a failed background save from each of its threads, a traceback each (~190
-  lines for a full disk); `wait` raises it again in the main thread, in one line."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
-
-
-@contextlib.contextmanager
-def quiet_background_errors() -> Iterator[None]:
-  """While a run saves: orbax's thread errors stay out of the log (`wait` names them)."""
-  quiet = _BackgroundSaveErrors()
-  logger = logging.getLogger("absl")  # orbax logs through absl.logging
-  logger.addFilter(quiet)
-  try:
-    yield
-  finally:
-    logger.removeFilter(quiet)
-
-
 @jax.jit
 def all_finite(tree: Any) -> jax.Array:
   """One on-device reduction: True iff every floating-point leaf of `tree` is finite."""
@@ -156,7 +133,9 @@ def save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
            else "(no checkpoint was written)")
         + ". Lower config.optim.learning_rate, set config.optim.grad_clip_norm, or use "
         "config.model.dtype=float32 to find the cause")
-  try:  # a failure of the previous (asynchronous) save surfaces here
+  wait(manager)  # a failure of the previous (asynchronous) save is named with its step
+  _saving[manager] = int(step)
+  try:
     manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
         opt_state=ocp.args.StandardSave(opt_state),
@@ -165,7 +144,6 @@ def save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
         force=True)
   except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many kinds
     raise _save_failed(manager, e) from None
-  _saving[manager] = int(step)
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_params: Any,

@@ -46,14 +46,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from spcl_jax import accelerator_time, checkpoint, metrics, run_info, workdir_lock
+from spcl_jax import (accelerator_time, background_save_errors, checkpoint, metrics, run_info,
+                      workdir_lock)
 from spcl_jax.preemption import StopRequest
 from spcl_jax.steps import TrainState
 from spcl_jax.workdir_path import as_path, check_store_client
 
-# Test hook: called with (moment, step) at the named moments of a run ("train_step", and
-# fine-tuning's "val", "best_save", "test"), so a test can stop the run exactly there (as a
-# kill -9 would) instead of by timing.
+# Test hook: called with (moment, step) at the named moments of a run ("train_step",
+# "checkpoint_save" while its checkpoint is written, and fine-tuning's "val", "best_save",
+# "test"), so a test can stop the run exactly there (as a kill -9 would) instead of by timing.
 moment_listeners: list[Callable[[str, int], None]] = []
 
 
@@ -96,7 +97,7 @@ def run(workload: Any, workdir: str | pathlib.Path, *, restore_step: int | None 
       checkpoint.remove_stale_tmp(workdir)
     workload.open(workdir)
     clock = accelerator_time.AcceleratorClock.for_this_job(workdir)  # accelerator_time.json
-    with checkpoint.quiet_background_errors():
+    with background_save_errors.quieted():
       return _run_locked(workload, workdir, restore_step, changes, clock)
   finally:
     workload.close()
@@ -119,35 +120,67 @@ def _restored_or_initial(workload: Any, workdir: pathlib.Path, manager: ocp.Chec
   return state, step
 
 
+@dataclasses.dataclass
+class _Opened:
+  """What a start opens and closes: the checkpoints, the accelerator clock, the metrics."""
+
+  manager: ocp.CheckpointManager
+  clock: accelerator_time.AcceleratorClock
+  writer: metrics.MetricsWriter | None = None
+
+  def close(self) -> None:
+    """Finishes the checkpoint being written, then closes. A full disk fails each of these:
+    every one still runs, and the first failure (the save's) is raised."""
+    closes = [lambda: checkpoint.wait(self.manager), self.manager.close, self.clock.update]
+    if self.writer is not None:
+      closes.append(self.writer.close)
+    failures = []
+    for close in closes:
+      try:
+        close()
+      except Exception as e:  # pylint: disable=broad-except  # each close runs, the first tells
+        failures.append(e)
+    if failures:
+      raise failures[0]
+
+
 def _run_locked(workload: Any, workdir: pathlib.Path, restore_step: int | None,
                 changes: list[dict[str, Any]],
                 clock: accelerator_time.AcceleratorClock) -> dict[str, Any]:
-  config, is_main = workload.config, jax.process_index() == 0
-  manager = checkpoint.make_manager(workdir, max_to_keep=config.max_checkpoints_to_keep)
-  writer = None
+  manager = checkpoint.make_manager(workdir, max_to_keep=workload.config.max_checkpoints_to_keep)
+  opened = _Opened(manager, clock)
   try:
-    state, last_checkpoint = _restored_or_initial(workload, workdir, manager, restore_step)
-    start_step = int(jax.device_get(state.step))
-    if is_main:
-      run_info.record_start(workdir, config, start_step, changes, last_checkpoint,
-                            rules=workload.resume_rules, extra_info=workload.run_info_extra())
-    writer = metrics.MetricsWriter(  # drops the rows of steps this run will redo
-        workdir, total_steps=workload.total_steps, enabled=is_main,
-        first_new_step=0 if last_checkpoint is None else last_checkpoint + 1)
-    session = Session(workdir, is_main, manager, writer, clock, start_step, last_checkpoint)
-    workload.resumed(state, session)
-    if start_step >= workload.total_steps:
-      return workload.already_done(state, session)
-    state, stopped = _loop(workload, session, state)
-    return workload.stopped(state, session) if stopped else workload.finish(state, session)
-  finally:
+    summary = _run_opened(workload, workdir, restore_step, changes, opened)
+  except BaseException:
     try:
-      checkpoint.wait(manager)  # also on errors: finish a checkpoint already being written
-    finally:
-      manager.close()
-      clock.update()
-      if writer is not None:
-        writer.close()
+      opened.close()  # also on errors: finish a checkpoint already being written
+    except checkpoint.SaveFailedError:
+      raise  # a full disk fails every write: the save's line says which checkpoints are intact
+    except Exception:  # pylint: disable=broad-except  # else the run's own error tells first
+      pass
+    raise
+  opened.close()
+  return summary
+
+
+def _run_opened(workload: Any, workdir: pathlib.Path, restore_step: int | None,
+                changes: list[dict[str, Any]], opened: _Opened) -> dict[str, Any]:
+  config, is_main = workload.config, jax.process_index() == 0
+  state, last_checkpoint = _restored_or_initial(workload, workdir, opened.manager, restore_step)
+  start_step = int(jax.device_get(state.step))
+  if is_main:
+    run_info.record_start(workdir, config, start_step, changes, last_checkpoint,
+                          rules=workload.resume_rules, extra_info=workload.run_info_extra())
+  opened.writer = metrics.MetricsWriter(  # drops the rows of steps this run will redo
+      workdir, total_steps=workload.total_steps, enabled=is_main,
+      first_new_step=0 if last_checkpoint is None else last_checkpoint + 1)
+  session = Session(workdir, is_main, opened.manager, opened.writer, opened.clock, start_step,
+                    last_checkpoint)
+  workload.resumed(state, session)
+  if start_step >= workload.total_steps:
+    return workload.already_done(state, session)
+  state, stopped = _loop(workload, session, state)
+  return workload.stopped(state, session) if stopped else workload.finish(state, session)
 
 
 def _is_checkpoint_step(workload: Any, step: int, stopping: bool) -> bool:
@@ -173,6 +206,7 @@ def _loop(workload: Any, session: Session, state: TrainState) -> tuple[TrainStat
         workload.before_save(step, state, session)
         checkpoint.save(session.manager, step, state.params, state.opt_state,
                         workload.data_iterator)
+        at_moment("checkpoint_save", step)  # the save is being written
         session.last_checkpoint = step
       workload.after_step(step, state, session, step == workload.total_steps)
       if stopping:

@@ -13,7 +13,9 @@ used, to the same results, as with --restore_step; a resume may change only the 
 those it names), and a finished workdir rerun with another lr is a config error (exit 2); a bad
 start (an init of another size, a fine-tuning workdir as init) writes nothing. The "kill" is an
 exception raised at the named moment (`engine.moment_listeners`): no handler of the run catches
-it, and the resume starts from what is on disk, as after kill -9.
+it, and the resume starts from what is on disk, as after kill -9. Where what is on disk depends
+on the kill itself (orbax's threads stopped mid-write), a subprocess kill -9s itself while the
+first checkpoint is written.
 """
 
 import contextlib
@@ -22,6 +24,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -532,6 +535,60 @@ def test_a_run_killed_at_a_named_moment_resumes_to_the_same_results(reference, t
   assert len(rows) == len(set(rows)) and sorted(rows) == sorted(row_kinds(reference_dir))
   assert checkpoint.available_steps(tmp_path / checkpoint.BEST_DIR) == [
       results["val_best"]["step"]]
+
+
+# The reference run in a process that kill -9s itself while the step-S checkpoint is written
+# (orbax's threads still at work), with this process's precision and compilation cache.
+_KILLED_WHILE_SAVING = """
+import os, pathlib, signal, sys
+import jax
+tests, prepared, workdir, at_step, cache = sys.argv[1:]
+sys.path.insert(0, tests)
+jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_compilation_cache_dir", cache)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+import finetune_fixtures as ff
+from spcl_jax import engine
+from spcl_jax.finetune import trainer
+def kill(moment, step):
+  if (moment, step) == ("checkpoint_save", int(at_step)):
+    os.kill(os.getpid(), signal.SIGKILL)
+engine.moment_listeners.append(kill)
+trainer.train_and_evaluate(ff.finetune_config("nih14", pathlib.Path(prepared)), workdir)
+"""
+
+
+@pytest.mark.slow
+def test_a_run_killed_by_sigkill_while_a_checkpoint_is_written_resumes_to_the_same_results(
+    reference, tmp_path):
+  """A real kill -9 during the first checkpoint's save, after best/ got that epoch: the resume
+  removes the half-written folder, has nothing intact to restore, so it drops the best/ of the
+  epoch it redoes and starts over, and ends as the uninterrupted run."""
+  config, reference_dir, results = reference
+  best_epoch_end = results["val_best"]["step"]
+  tests = pathlib.Path(__file__).resolve().parent
+  killed = subprocess.run(
+      [sys.executable, "-c", _KILLED_WHILE_SAVING, str(tests), config.data.prepared,
+       str(tmp_path), str(best_epoch_end), jax.config.jax_compilation_cache_dir],
+      cwd=tests.parent, capture_output=True, text=True, timeout=300)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert list(checkpoint.checkpoint_dir(tmp_path).glob(f"*{checkpoint.TMP_MARKER}*"))
+  assert checkpoint.available_steps(tmp_path / checkpoint.BEST_DIR) == [best_epoch_end]
+  best_when_resumed = []
+
+  def look_at_best(moment, step):
+    if moment == "train_step" and not best_when_resumed:
+      best_when_resumed.append(checkpoint.available_steps(tmp_path / checkpoint.BEST_DIR))
+  engine.moment_listeners.append(look_at_best)
+  try:
+    trainer.train_and_evaluate(config, str(tmp_path))
+  finally:
+    engine.moment_listeners.remove(look_at_best)
+  assert best_when_resumed == [[]]
+  assert comparable(tmp_path) == comparable(reference_dir)
+  rows = row_kinds(tmp_path)
+  assert len(rows) == len(set(rows)) and sorted(rows) == sorted(row_kinds(reference_dir))
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Run safety of the other commands and of the process: one-line errors of prepare, export and
 extract, refusal of non-finite weights, whole output files with the umask's mode; SIGTERM during
-the save and kill -9 with decoding workers (subprocesses, the only way to send them)."""
+the save and kill -9 with decoding workers (subprocesses, the only way to send them); a disk
+that fills up mid-run, read on the whole stderr of the process."""
 
 from __future__ import annotations
 
@@ -262,3 +263,50 @@ def test_sigterm_to_the_process_group_checkpoints_and_stops(tmp_path, trainer):
   step = checkpoint.available_steps(workdir)[-1]  # fine-tuning also saved at epoch ends
   assert f"stopped at step {step}; checkpoint saved" in stdout
   assert not [pid for pid in workers if alive(pid)]
+
+
+# The trainer's CLI on a disk that fills up once the step-2 checkpoint is whole: from step 3 on
+# no file may grow past 400 bytes (RLIMIT_FSIZE, no root needed; with SIGXFSZ ignored a write
+# past it fails with EFBIG, as one on a full disk fails with ENOSPC). The step-4 save starts (its
+# small metadata files fit) and its arrays fail in the background; the metrics and TensorBoard
+# files fail to grow too.
+_FULL_DISK_AFTER_STEP_2 = """
+import pathlib, resource, signal, sys, time
+from absl import app
+from spcl_jax import engine, main
+first_checkpoint = pathlib.Path(sys.argv[1]) / "checkpoints" / "2"
+def fill_the_disk(moment, step):
+  if moment == "train_step" and step == 3:
+    while not first_checkpoint.is_dir():  # orbax renames its tmp folder once the save is whole
+      time.sleep(0.05)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (400, resource.RLIM_INFINITY))
+engine.moment_listeners.append(fill_the_disk)
+sys.argv = ["spcl_jax.main", *sys.argv[2:]]
+app.run(main.main, flags_parser=main.parse_flags)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("log_every", [
+    100,  # the step-6 save is where the run learns that step 4's failed
+    5,  # the step-5 metrics row fails to be written first, while step 4's save is failing
+])
+def test_a_failed_save_is_one_line_naming_its_step(tmp_path, log_every):
+  """The whole stderr of the process: orbax's threads and tensorstore's unfinished writes print
+  tracebacks of a failed save outside any handler of the run; none may reach the user."""
+  workdir = tmp_path / "run"
+  done = subprocess.run(
+      [sys.executable, "-c", _FULL_DISK_AFTER_STEP_2, str(workdir), f"--config={DEMO}",
+       f"--workdir={workdir}", "--config.model.image_size=64", "--config.total_steps=8",
+       f"--config.log_every_steps={log_every}", "--config.checkpoint_every_steps=2",
+       "--config.evals={}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert done.returncode == 1, done.stderr[-3000:]
+  assert_one_error_line(done.stderr, "saving checkpoint step 4 in")
+  assert "File too large; the checkpoints before it are intact" in done.stderr
+  assert "Event loop is closed" not in done.stderr, done.stderr[-3000:]
+  assert checkpoint.available_steps(workdir) == [2]
+  params, _ = checkpoint.restore_params(workdir, 2)
+  assert np.isfinite(params["log_scale"])

@@ -5,6 +5,7 @@ Table 4, resume)."""
 import contextlib
 import io
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 import finetune_fixtures as ff
+from run_safety_fixtures import read_metrics, truncate_params
 from spcl_jax import checkpoint, engine
 from spcl_jax.configs.finetune import siim as siim_config
 from spcl_jax.finetune import data, decoders, dice, optimizer, trainer, workloads
@@ -312,6 +314,32 @@ def test_stopped_segmentation_run_resumes_with_the_same_losses(mgca_run, tmp_pat
   assert losses(tmp_path) == losses(reference_dir)
   for key in ("val_best", "test_at_best_val", "test_at_last_epoch"):
     assert resumed[key] == reference[key]
+
+
+@pytest.mark.slow
+def test_a_truncated_latest_segmentation_checkpoint_falls_back_to_the_same_results(mgca_run,
+                                                                                  tmp_path):
+  """The engine's fallback for segmentation: the epoch-2 checkpoint cut short is moved aside,
+  epoch 2 is redone from the epoch-1 checkpoint (its val score and best/ again), and the run
+  ends with the uninterrupted run's results.json and selection.json, each metrics row once."""
+  config, reference_dir, _ = mgca_run
+  workdir = tmp_path / "run"
+  shutil.copytree(reference_dir, workdir)
+  (workdir / trainer.RESULTS_FILE).unlink()
+  truncate_params(checkpoint.checkpoint_dir(workdir) / "6")
+  with contextlib.redirect_stdout(io.StringIO()):
+    trainer.train_and_evaluate(config, str(workdir))
+  assert [p.name.split("-")[0] for p in (workdir / checkpoint.CORRUPT_DIR).iterdir()] == ["6"]
+
+  def finished(folder):
+    outcome = json.loads((folder / trainer.RESULTS_FILE).read_text())
+    for key in ("accelerator_seconds", "git_commit"):
+      outcome.pop(key)
+    return outcome, json.loads((folder / trainer.SELECTION_FILE).read_text())
+  assert finished(workdir) == finished(reference_dir)
+  rows = [(r["step"], ",".join(sorted(set(r) - {"images_per_sec", "tflops_per_sec", "mfu"})))
+          for r in read_metrics(workdir)]
+  assert len(rows) == len(set(rows)) == len(read_metrics(reference_dir))
 
 
 def test_seed_aggregate_of_segmentation_results_is_mean_and_std_per_dice():

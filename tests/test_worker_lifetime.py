@@ -3,6 +3,8 @@ while the workers are still importing (they are spawned: a second or more), and 
 serve batches. The pipeline runs alone in a subprocess (the trainer's `_with_workers`, without
 a model), so each kill costs a Python start, not a compilation."""
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -11,13 +13,14 @@ import pytest
 
 from test_run_safety_commands import alive, descendants
 
-# Two workers serving an endless stream; prints "batch" once one has arrived.
+# Two workers serving an endless stream; prints "batch" once the first batches have arrived.
 PIPELINE = """
 import grain
 from spcl_jax.data import pipeline
 ds = grain.MapDataset.range(10**6).to_iter_dataset()
 it = iter(pipeline._with_workers(ds, 2))
-next(it)
+for _ in range({first_batches}):
+  next(it)
 print("batch", flush=True)
 while True:
   next(it)
@@ -25,8 +28,11 @@ while True:
 """
 
 
-def start_pipeline():
-  return subprocess.Popen([sys.executable, "-c", "import time\n" + PIPELINE],
+def start_pipeline(first_batches: int = 1):
+  """PIPELINE; "batch" once `first_batches` have arrived (grain takes them from its workers in
+  turn, so 2 means each worker has started and served)."""
+  program = "import time\n" + PIPELINE.format(first_batches=first_batches)
+  return subprocess.Popen([sys.executable, "-c", program],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -54,3 +60,21 @@ def test_a_killed_pipeline_leaves_no_process_behind(moment):
     proc.communicate(timeout=30)
   assert children
   wait_for(lambda: not any(alive(pid) for pid in children), "no orphan", timeout=15)
+
+
+@pytest.mark.slow
+def test_workers_serving_outlive_a_sigterm_the_trainer_handles():
+  """SIGTERM to the process group (scancel) reaches the workers too: they ignore it, so the
+  trainer can still read batches while it checkpoints; it stops them itself afterwards."""
+  proc = start_pipeline(first_batches=4)
+  try:
+    assert proc.stdout.readline().strip() == "batch", proc.stderr.read()[-2000:]
+    workers = descendants(proc.pid)
+    for pid in workers:
+      os.kill(pid, signal.SIGTERM)
+    time.sleep(1.0)  # a worker that obeys SIGTERM is gone well before
+    survivors = [pid for pid in workers if alive(pid)]
+  finally:
+    proc.kill()
+    proc.communicate(timeout=30)
+  assert workers and set(survivors) == workers
