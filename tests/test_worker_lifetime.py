@@ -78,3 +78,37 @@ def test_workers_serving_outlive_a_sigterm_the_trainer_handles():
     proc.kill()
     proc.communicate(timeout=30)
   assert workers and set(survivors) == workers
+
+
+# A worker's init function, run in a process whose parent is (or is not) the PID it was given.
+WORKER = """
+import sys, time
+from spcl_jax.data import worker_lifetime
+worker_lifetime.exit_with_parent(parent_pid={parent_pid})
+print("watching", flush=True)
+time.sleep(30)
+sys.exit(3)
+"""
+
+
+def test_the_parent_pid_is_taken_in_the_parent_and_a_worker_whose_parent_is_gone_exits():
+  """The init function carries the builder's PID; a worker whose parent is not that PID (it
+  died while the worker imported) exits within a poll; one whose parent lives stays, and
+  ignores SIGTERM."""
+  from spcl_jax.data import worker_lifetime  # pylint: disable=g-import-not-at-top
+  assert worker_lifetime.worker_init_fn().keywords == {"parent_pid": os.getpid()}
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+  orphan, kept = (subprocess.Popen([sys.executable, "-c", WORKER.format(parent_pid=pid)],
+                                   stdout=subprocess.PIPE, text=True, env=env)
+                  for pid in (1, os.getpid()))
+  try:
+    for proc in (orphan, kept):
+      assert proc.stdout.readline().strip() == "watching"
+    assert orphan.wait(timeout=10 * worker_lifetime.POLL_SECONDS) == 0
+    kept.send_signal(signal.SIGTERM)
+    time.sleep(3 * worker_lifetime.POLL_SECONDS)
+    assert kept.poll() is None
+  finally:
+    for proc in (orphan, kept):
+      proc.kill()
+      proc.communicate(timeout=30)
