@@ -294,14 +294,23 @@ def remove_stale_tmp(workdir: str | pathlib.Path) -> list[pathlib.Path]:
 
 
 def make_best_manager(workdir: str | pathlib.Path) -> ocp.CheckpointManager:
-  """WORKDIR/best: the parameters of the best epoch so far (one step kept)."""
-  return make_manager(as_path(workdir) / BEST_DIR, max_to_keep=1)
+  """WORKDIR/best: the parameters of the best epoch so far, and of the one before (save_best)."""
+  return make_manager(as_path(workdir) / BEST_DIR, max_to_keep=2)
 
 
 def save_best(manager: ocp.CheckpointManager, step: int, params: Any, epoch: int) -> None:
-  """Replaces the best parameters; waits, so a later kill finds them whole or not at all."""
+  """Saves a new best beside the previous one, deleting any older; waits, so a later kill
+  finds it whole or not at all.
+
+  The previous best stays until the next one: a run killed before this step's checkpoint
+  resumes from the one before, drops this best (`drop_best_after`) and redoes its epoch, and
+  if the redone epoch scores lower (nondeterministic kernels, an allowed lr change), the
+  selection falls back to the previous best epoch, whose parameters must still be here.
+  """
+  kept = sorted(s for s in manager.all_steps() if s < step)[-1:]
   for old in manager.all_steps():
-    manager.delete(old)
+    if old not in kept:
+      manager.delete(old)
   _saving[manager] = int(step)
   manager.save(step, args=ocp.args.Composite(
       params=ocp.args.StandardSave(params),

@@ -537,6 +537,37 @@ def test_a_run_killed_at_a_named_moment_resumes_to_the_same_results(reference, t
       results["val_best"]["step"]]
 
 
+@pytest.mark.slow
+def test_a_redone_epoch_that_scores_lower_falls_back_to_the_previous_best(reference, tmp_path,
+                                                                          monkeypatch):
+  """Killed while epoch 2's checkpoint is written, after epoch 2 beat epoch 1 and went to
+  best/; the resumed run redoes epoch 2, which now scores lower (as on GPUs, whose kernels are
+  not bit-exact): the best is epoch 1 again, and its parameters must still be in best/."""
+  from spcl_jax.finetune import workloads  # pylint: disable=g-import-not-at-top
+  config = reference[0]
+  val_auc = {1: 0.6, 2: 0.7}
+  score = workloads.Classification.score
+
+  def scripted(self, source, outputs, classes, where):
+    scored = score(self, source, outputs, classes, where)
+    epoch = [e for e in val_auc if f"(epoch {e})" in where]
+    return {**scored, "macro_auc": val_auc[epoch[0]]} if epoch else scored
+  monkeypatch.setattr(workloads.Classification, "score", scripted)
+  run_killed_at(config, tmp_path, "checkpoint_save", 8)
+  # In-process the interrupted save still completes as the run closes; a kill -9 leaves a
+  # half-written folder that the resume removes: the same as no step-8 checkpoint at all.
+  shutil.rmtree(checkpoint.checkpoint_dir(tmp_path) / "8")
+  assert checkpoint.available_steps(tmp_path) == [4]
+  assert checkpoint.available_steps(tmp_path / checkpoint.BEST_DIR) == [4, 8]
+  val_auc[2] = 0.5
+  outcome = trainer.train_and_evaluate(config, str(tmp_path))
+  assert outcome["val_best"]["epoch"] == outcome["test_at_best_val"]["epoch"] == 1
+  assert checkpoint.available_steps(tmp_path / checkpoint.BEST_DIR) == [4]
+  epoch_1 = checkpoint.restore_params(tmp_path, 4)[0]
+  best = checkpoint.restore_params(tmp_path / checkpoint.BEST_DIR, 4)[0]
+  assert jax.tree.all(jax.tree.map(np.array_equal, epoch_1, best))
+
+
 # The reference run in a process that kill -9s itself while the step-S checkpoint is written
 # (orbax's threads still at work), with this process's precision and compilation cache.
 _KILLED_WHILE_SAVING = """
