@@ -105,7 +105,7 @@ def finetune_config(prepared: pathlib.Path, init: str, protocol: str, pool: str,
   from spcl_jax.configs.finetune import nih14  # pylint: disable=g-import-not-at-top
   config = nih14.get_config()
   config.data.prepared = str(prepared)
-  config.split_scheme = "official"  # val 289 images (scored often), test 587 (scored once)
+  config.split_scheme = "official"  # val 294 images (scored often), test 609 (scored once)
   config.init = init
   config.protocol = protocol
   config.label_fraction = fraction
