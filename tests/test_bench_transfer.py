@@ -58,6 +58,9 @@ def test_quick_transfer_runs_the_real_paths_and_prints_the_grid(tmp_path):
   assert "| S-PCL [full, pool cls] |" in printed and "| random init [full, pool cls] |" in printed
   assert "S-PCL beats random init by > 2 std in:" in printed
   assert (tmp_path / "transfer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # Pre-training reads only the split fine-tuning trains on: no val or test image, unlabelled.
+  pretrained = json.loads((tmp_path / "pretrain" / "config.json").read_text())
+  assert pretrained["config"]["data"]["source"].endswith(",split=official_train")
   run = tmp_path / "finetune" / "spcl_classification_cls_10"
   info = json.loads((run / "config.json").read_text())
   result = json.loads((run / "results.json").read_text())
