@@ -15,8 +15,8 @@ of the output). On restore, a checkpoint that cannot be read, or that holds a
 non-finite value, is named with what is wrong and moved to WORKDIR/checkpoints_corrupt/,
 and the newest intact one is used instead. orbax tmp folders left by a killed save are removed.
 
-A fine-tuning run also keeps its best-on-val parameters in WORKDIR/best/ (params and meta only,
-one step): `save_best`, `restore_best`, `drop_best_after`.
+A fine-tuning run also keeps its best-on-val parameters in WORKDIR/best/ (params and meta only;
+the newest best and the one before it): `save_best`, `restore_best`, `drop_best_after`.
 """
 
 from __future__ import annotations
